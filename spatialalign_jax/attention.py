@@ -1,0 +1,85 @@
+"""Attention kernels and Wan's 3D rotary position embedding.
+
+`attend` dispatches on the configured implementation:
+- "xla" / "cudnn": `jax.nn.dot_product_attention` (cuDNN gives fused flash attention on GPUs);
+- "blockwise": queries in blocks, each block's scores and softmax staying small enough to live in
+  cache, which is what a CPU needs (XLA's unfused attention writes the whole score matrix out);
+- "auto": cuDNN on GPU, blockwise elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+
+
+def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    b, s, h, d = q.shape
+    if s <= block:
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    pad = (-s) % block
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
+    blocks = qp.reshape(b, -1, block, h, d).swapaxes(0, 1)  # (num_blocks, b, block, h, d)
+    scale = 1.0 / math.sqrt(d)
+    kt = jnp.einsum("bkhd->bhdk", k)
+
+    def one_block(qb: jax.Array) -> jax.Array:
+        scores = jnp.einsum("bqhd,bhdk->bhqk", qb, kt, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    out = jax.lax.map(one_block, blocks)
+    return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :s]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
+           block_size: int = 256) -> jax.Array:
+    """Softmax attention over (batch, seq, heads, head_dim) arrays, no mask, scale 1/sqrt(head_dim)."""
+    if implementation == "auto":
+        implementation = "cudnn" if jax.default_backend() == "gpu" else "blockwise"
+    if implementation == "blockwise":
+        return _blockwise_attention(q, k, v, block_size)
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {IMPLEMENTATIONS}")
+
+
+@lru_cache(maxsize=32)
+def _rope_tables(dims: tuple[int, int, int], grid: tuple[int, int, int], max_seq_len: int,
+                 theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin per token and rotary pair, (tokens, head_dim // 2), computed in float64 as Wan does."""
+    for n, axis in zip(grid, "fhw"):
+        if n > max_seq_len:
+            raise ValueError(f"{n} latent patches along {axis} exceed rope_max_seq_len={max_seq_len}")
+    per_axis = []
+    for dim, n in zip(dims, grid):
+        inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64)[: dim // 2] / dim)
+        per_axis.append(np.outer(np.arange(n, dtype=np.float64), inv_freq))  # (n, dim // 2)
+    f, h, w = grid
+    angles = np.concatenate([
+        np.broadcast_to(per_axis[0][:, None, None], (f, h, w, per_axis[0].shape[-1])),
+        np.broadcast_to(per_axis[1][None, :, None], (f, h, w, per_axis[1].shape[-1])),
+        np.broadcast_to(per_axis[2][None, None, :], (f, h, w, per_axis[2].shape[-1])),
+    ], axis=-1).reshape(f * h * w, -1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_tables(dims: tuple[int, int, int], grid: tuple[int, int, int], max_seq_len: int,
+                theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    cos, sin = _rope_tables(tuple(dims), tuple(grid), max_seq_len, theta)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of (batch, seq, heads, head_dim) by the tables."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)

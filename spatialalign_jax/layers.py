@@ -1,0 +1,86 @@
+"""The small layers of the Wan transformer: a linear layer that can carry a LoRA adapter, and norms.
+
+Parameters keep diffusers' names (`kernel` = transposed `weight`, `scale` = norm `weight`) so that
+conversion is a transpose and a rename (`spatialalign_jax.params`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoraConfig
+
+Dtype = jnp.dtype
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype: Dtype) -> jax.Array:
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x W + b`, plus `(alpha / r) x A B` when it carries a LoRA adapter and LoRA is on.
+
+    Initialised as torch's `nn.Linear` and PEFT's LoRA (A Kaiming-uniform with a = sqrt(5), B zero),
+    so a freshly built model has the statistics of a freshly built diffusers one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, lora: LoraConfig | None = None,
+                 lora_dtype: Dtype = jnp.float32):
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        self.kernel = nnx.Param(_uniform(rngs.params(), (in_features, out_features), bound, param_dtype))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_features,), bound, param_dtype))
+        self.dtype = dtype
+        if lora is not None:
+            self.lora_A = nnx.LoRAParam(_uniform(rngs.params(), (in_features, lora.rank), bound, lora_dtype))
+            self.lora_B = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), lora_dtype))
+            self.lora_scale = lora.scale
+        else:
+            self.lora_A = self.lora_B = None
+
+    def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        if use_lora and self.lora_A is not None:
+            # PEFT runs the adapter in the activations' dtype and adds it to the base output.
+            down = x @ self.lora_A[...].astype(self.dtype)
+            y = y + (down @ self.lora_B[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """diffusers' FP32LayerNorm: statistics and affine in fp32, whatever the input dtype."""
+
+    def __init__(self, dim: int, *, eps: float, elementwise_affine: bool):
+        self.eps = eps
+        if elementwise_affine:
+            self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        else:
+            self.scale = self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """torch.nn.RMSNorm over the last axis (Wan normalises q and k across all heads at once)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)

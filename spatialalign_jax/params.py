@@ -1,0 +1,130 @@
+"""Names and layouts between diffusers' `WanTransformer3DModel` state dict and the Flax model.
+
+Flax names are diffusers' module paths with the blocks stacked on a leading layer axis:
+`blocks.{i}.attn2.to_k.weight` (out, in)  <->  `blocks.attn2.to_k.kernel` (layers, in, out).
+Leaves: `kernel` is the transposed `weight` (Conv3d: (out, in, t, h, w) -> (t, h, w, in, out)), a norm's
+`scale` is its `weight`, `lora_A`/`lora_B` are PEFT's `lora_A.weight`/`lora_B.weight` transposed.
+Everything here is numpy; shapes to expect come from the model itself (`expected_shapes`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .config import LoraConfig, WanConfig
+
+FlatParams = dict[str, np.ndarray]
+
+
+def expected_shapes(cfg: WanConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Flax flat name -> shape of every parameter of the model (LoRA ones included when `lora`)."""
+    import jax
+    from flax import nnx
+
+    from .model import WanTransformer3DModel
+
+    abstract = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, lora=lora, rngs=nnx.Rngs(0)))
+    return {".".join(map(str, path)): tuple(v.shape)
+            for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def _is_lora(name: str) -> bool:
+    return name.endswith(".lora_A") or name.endswith(".lora_B")
+
+
+def _leaf_to_diffusers(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """One unstacked Flax leaf -> (diffusers name, diffusers layout)."""
+    module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+    if leaf in ("lora_A", "lora_B"):
+        return f"{module}.{leaf}.weight", value.T
+    if leaf == "kernel":
+        if value.ndim == 5:  # Conv3d
+            return f"{module}.weight", value.transpose(4, 3, 0, 1, 2)
+        return f"{module}.weight", value.T
+    if leaf == "scale":
+        return f"{module}.weight", value
+    return name, value
+
+
+def _leaf_from_diffusers(name: str, value: np.ndarray) -> np.ndarray:
+    """Inverse of `_leaf_to_diffusers` for the layout, given the Flax leaf name."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("lora_A", "lora_B"):
+        return value.T
+    if leaf == "kernel":
+        return value.transpose(2, 3, 4, 1, 0) if value.ndim == 5 else value.T
+    return value
+
+
+def _diffusers_names(flax_name: str, num_layers: int) -> list[str]:
+    """Diffusers names of one Flax parameter (one per block for stacked block parameters)."""
+    dname, _ = _leaf_to_diffusers(flax_name, np.zeros((1,) * 2))
+    if flax_name.startswith("blocks."):
+        rest = dname[len("blocks."):]
+        return [f"blocks.{i}.{rest}" for i in range(num_layers)]
+    return [dname]
+
+
+def _from_diffusers(cfg: WanConfig, sd: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                    what: str) -> FlatParams:
+    out: FlatParams = {}
+    used: set[str] = set()
+    for name, shape in shapes.items():
+        dnames = _diffusers_names(name, cfg.num_layers)
+        missing = [d for d in dnames if d not in sd]
+        if missing:
+            raise ValueError(f"{what}: missing key {missing[0]!r} (needed for {name}, shape {shape}); "
+                             f"{len(missing)} key(s) of this kind missing")
+        leaves = [_leaf_from_diffusers(name, np.asarray(sd[d])) for d in dnames]
+        value = np.stack(leaves) if name.startswith("blocks.") else leaves[0]
+        if tuple(value.shape) != shape:
+            bad = dnames[0]
+            raise ValueError(f"{what}: shape mismatch for {bad!r}: got {tuple(np.shape(sd[bad]))}, the model "
+                             f"expects {_leaf_to_diffusers(name, np.zeros(shape[1:] if name.startswith('blocks.') else shape))[1].shape} "
+                             f"(config: {cfg})")
+        out[name] = value
+        used.update(dnames)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all); "
+                         "the config does not describe this checkpoint, or it is not a Wan2.1 T2V transformer")
+    return out
+
+
+def _to_diffusers(cfg: WanConfig, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in flat.items():
+        value = np.asarray(value)
+        if name.startswith("blocks."):
+            for i in range(cfg.num_layers):
+                dname, dvalue = _leaf_to_diffusers(name, value[i])
+                out["blocks." + str(i) + dname[len("blocks"):]] = np.ascontiguousarray(dvalue)
+        else:
+            dname, dvalue = _leaf_to_diffusers(name, value)
+            out[dname] = np.ascontiguousarray(dvalue)
+    return out
+
+
+def flax_from_diffusers(cfg: WanConfig, sd: Mapping[str, np.ndarray]) -> FlatParams:
+    """Base weights: diffusers state dict -> Flax flat params (blocks stacked). Strict on keys and shapes."""
+    shapes = {k: v for k, v in expected_shapes(cfg).items() if not _is_lora(k)}
+    return _from_diffusers(cfg, sd, shapes, "transformer weights")
+
+
+def diffusers_from_flax(cfg: WanConfig, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Base weights: Flax flat params -> diffusers state dict."""
+    return _to_diffusers(cfg, {k: v for k, v in flat.items() if not _is_lora(k)})
+
+
+def lora_flax_from_peft(cfg: WanConfig, lora: LoraConfig, sd: Mapping[str, np.ndarray]) -> FlatParams:
+    """LoRA weights in diffusers/PEFT naming (no `transformer.` prefix) -> Flax flat LoRA params."""
+    shapes = {k: v for k, v in expected_shapes(cfg, lora).items() if _is_lora(k)}
+    return _from_diffusers(cfg, sd, shapes, "LoRA weights")
+
+
+def lora_peft_from_flax(cfg: WanConfig, lora: LoraConfig, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flax flat LoRA params -> diffusers/PEFT naming (no `transformer.` prefix)."""
+    del lora  # the names carry everything; kept for symmetry with `lora_flax_from_peft`
+    return _to_diffusers(cfg, {k: v for k, v in flat.items() if _is_lora(k)})
