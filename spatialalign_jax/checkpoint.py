@@ -1,0 +1,207 @@
+"""Converted transformer checkpoints (Orbax) and `load_transformer`.
+
+A converted checkpoint is a folder:
+
+    spatialalign.json   {"format": "spatialalign-jax/wan-transformer", "version": 1,
+                         "config": <diffusers config>, "lora": {"rank", "alpha", "targets"} | null,
+                         "has_base": bool, "param_dtype": "float32" | "bfloat16", ...}
+    params/             an Orbax PyTree checkpoint: {"base": {...}, "lora": {...}} nested by module path
+
+It is written into a temporary sibling and renamed into place, so a failed write leaves nothing.
+Loading restores each parameter straight into its sharding on the mesh (no full copy per device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import lora as lora_lib
+from . import params as params_lib
+from .config import LoraConfig, WanConfig
+from .model import WanTransformer3DModel
+
+FORMAT = "spatialalign-jax/wan-transformer"
+VERSION = 1
+META_FILE = "spatialalign.json"
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a converted checkpoint: {META_FILE} is missing "
+                                "(convert with `python -m converters.to_flax --src ... --dst ...`)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                         f"this code reads {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def lora_config_from_meta(meta: Mapping[str, Any]) -> LoraConfig | None:
+    lora = meta.get("lora")
+    return None if lora is None else LoraConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+                                                targets=tuple(lora["targets"]))
+
+
+def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, np.ndarray] | None,
+                    lora_cfg: LoraConfig | None = None, lora: Mapping[str, np.ndarray] | None = None, *,
+                    overwrite: bool = False, extra_meta: Mapping[str, Any] | None = None) -> Path:
+    """Writes Flax flat params (`params.flax_from_diffusers` naming) as a converted checkpoint."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if (lora is None) != (lora_cfg is None):
+        raise ValueError("LoRA weights and their LoraConfig come together")
+    if base is None and lora is None:
+        raise ValueError("nothing to save: neither base nor LoRA weights given")
+    tree = {}
+    if base is not None:
+        tree["base"] = _nest({k: np.asarray(v) for k, v in base.items()})
+    if lora is not None:
+        tree["lora"] = _nest({k: np.asarray(v) for k, v in lora.items()})
+    base_dtypes = {str(np.asarray(v).dtype) for v in (base or {}).values()}
+    meta = {
+        "format": FORMAT, "version": VERSION, "config": cfg.to_diffusers(),
+        "lora": None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                                               "targets": list(lora_cfg.targets)},
+        "has_base": base is not None,
+        "param_dtype": sorted(base_dtypes)[0] if len(base_dtypes) == 1 else "mixed",
+        **dict(extra_meta or {}),
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", tree)
+        ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(meta, base flat params, LoRA flat params) as host numpy arrays (converters use this)."""
+    import orbax.checkpoint as ocp
+
+    meta = read_checkpoint_meta(path)
+    tree = ocp.StandardCheckpointer().restore(Path(path).absolute() / "params")
+    as_np = lambda t: {k: np.asarray(v) for k, v in _flatten(t).items()}
+    return meta, as_np(tree.get("base", {})), as_np(tree.get("lora", {}))
+
+
+def _place(value: np.ndarray, dtype, sharding) -> jax.Array:
+    value = np.asarray(value)
+    if sharding is None:
+        return jnp.asarray(value, dtype)
+    # Each device reads only its own slice of the host array.
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: np.asarray(value[idx], dtype))
+
+
+def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype="float32",
+                     param_dtype=None, attention: str = "auto", remat: str = "none",
+                     lora: LoraConfig | None | str = "checkpoint", lora_seed: int = 0) -> WanTransformer3DModel:
+    """Loads a diffusers transformer folder (or an original Wan checkpoint) or a converted checkpoint.
+
+    `lora="checkpoint"` keeps the LoRA the checkpoint carries (none for diffusers folders); `None`
+    builds no adapters; a `LoraConfig` adds adapters, restored from the checkpoint when it holds ones
+    of the same config and PEFT-initialised otherwise. With a `mesh`, every parameter is placed with
+    its sharding from `spatialalign_jax.sharding`. fp32-only modules (time embedder, modulation
+    tables, cross-attention norm) stay fp32 whatever `param_dtype` is, as in diffusers.
+    """
+    from . import sharding as sharding_lib
+
+    dtype = jnp.dtype(dtype)
+    param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
+    path = Path(path)
+    stored_lora: dict[str, np.ndarray] = {}
+    if is_checkpoint(path):
+        meta = read_checkpoint_meta(path)
+        cfg = WanConfig.from_diffusers(meta["config"])
+        ckpt_lora = lora_config_from_meta(meta)
+        if not meta.get("has_base", True):
+            raise ValueError(f"{path} holds LoRA weights only; load its base model and apply them, or convert "
+                             "a base with `python -m converters.to_flax --src BASE --lora ...`")
+        base_source = None
+    else:
+        from converters.io import read_base  # reads diffusers folders and original Wan checkpoints
+
+        weights = read_base(path)
+        cfg = WanConfig.from_diffusers(weights.config)
+        ckpt_lora, base_source = None, params_lib.flax_from_diffusers(cfg, weights.state_dict)
+
+    lora_cfg = ckpt_lora if lora == "checkpoint" else lora
+    if isinstance(lora_cfg, str):
+        raise ValueError(f"lora={lora!r}: pass 'checkpoint', None or a LoraConfig")
+
+    abstract = nnx.eval_shape(lambda: WanTransformer3DModel(
+        cfg, lora=lora_cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+        rngs=nnx.Rngs(0)))
+    targets = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    shapes = {k: tuple(v.shape) for k, v in targets.items()}
+    shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else {k: None for k in shapes}
+    lora_names = {k for k in shapes if k.endswith((".lora_A", ".lora_B"))}
+
+    if base_source is None:
+        import orbax.checkpoint as ocp
+
+        want = {"base": _nest({k: jax.ShapeDtypeStruct(shapes[k], targets[k].dtype, sharding=shardings[k])
+                               for k in shapes if k not in lora_names})}
+        if lora_cfg is not None and lora_cfg == ckpt_lora:
+            want["lora"] = _nest({k: jax.ShapeDtypeStruct(shapes[k], targets[k].dtype, sharding=shardings[k])
+                                  for k in lora_names})
+        restored = ocp.StandardCheckpointer().restore(path.absolute() / "params", want, strict=False)
+        values = _flatten(restored["base"])
+        values.update(_flatten(restored.get("lora", {})))
+    else:
+        values = {k: _place(v, targets[k].dtype, shardings[k]) for k, v in base_source.items()}
+
+    missing_lora = {k: shapes[k] for k in lora_names if k not in values}
+    for k, v in lora_lib.init_lora(missing_lora, seed=lora_seed).items():
+        values[k] = _place(v, targets[k].dtype, shardings[k])
+
+    model = nnx.merge(*nnx.split(abstract))  # a concrete module whose arrays we now fill
+    lora_lib.set_params(model, values)
+    return model
