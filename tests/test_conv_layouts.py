@@ -1,0 +1,300 @@
+"""Key layouts and weight reading of the converters, checked against diffusers' own converters."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converters import io, layouts
+from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, peft_lora_state_dict,
+                       save_diffusers_lora, state_dict_numpy, tiny_transformer, write_json)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_transformer()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tiny):
+    return state_dict_numpy(tiny)
+
+
+def _assert_same_tensors(got, want):
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
+
+
+def _delta(a, b, scale):
+    """The weight change of one LoRA module: scale * B @ A."""
+    return scale * np.asarray(b, np.float64) @ np.asarray(a, np.float64)
+
+
+# --- base layouts ----------------------------------------------------------------------------------
+
+
+def test_original_layout_matches_diffusers_converter(tiny_sd):
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    original = layouts.diffusers_to_original(tiny_sd)
+    # Spot checks against the original Wan module names, written out by hand.
+    assert "blocks.1.norm3.weight" in original and "blocks.1.cross_attn.o.bias" in original
+    assert {"head.modulation", "head.head.weight", "time_projection.1.weight", "blocks.0.modulation",
+            "text_embedding.2.bias", "blocks.0.ffn.0.weight"} <= set(original)
+    # diffusers' converter turns our original layout back into exactly the model's state dict ...
+    ref = convert_wan_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()})
+    _assert_same_tensors(ref, tiny_sd)
+    # ... and so does ours, with any of the wrapper prefixes.
+    for prefix in ("", "model.diffusion_model.", "diffusion_model."):
+        _assert_same_tensors(layouts.original_to_diffusers({prefix + k: v for k, v in original.items()}), tiny_sd)
+
+
+def test_original_layout_unknown_key_is_named(tiny_sd):
+    original = layouts.diffusers_to_original(tiny_sd)
+    original["blocks.0.self_attn.qq.weight"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"unexpected keys.*blocks\.0\.self_attn\.qq\.weight"):
+        layouts.original_to_diffusers(original)
+
+
+def test_original_config_maps_to_diffusers():
+    cfg = layouts.original_config_to_diffusers(TINY_ORIGINAL_CONFIG)
+    assert {k: cfg[k] for k in TINY_CONFIG if k != "patch_size"} == {k: v for k, v in TINY_CONFIG.items() if k != "patch_size"}
+    assert tuple(cfg["patch_size"]) == TINY_CONFIG["patch_size"]
+    i2v = layouts.original_config_to_diffusers({**TINY_ORIGINAL_CONFIG, "model_type": "i2v"})
+    assert i2v["image_dim"] is not None
+
+
+def test_config_inferred_from_shapes_for_wan_sized_heads():
+    # 256-dim model: two heads of 128, as every released Wan2.1 model has.
+    model = tiny_transformer(num_attention_heads=2, attention_head_dim=128, ffn_dim=64)
+    cfg = layouts.infer_diffusers_config(state_dict_numpy(model))
+    want = {**TINY_CONFIG, "attention_head_dim": 128, "ffn_dim": 64, "patch_size": [1, 2, 2]}
+    assert {k: cfg[k] for k in want} == want
+
+
+# --- reading base weights ---------------------------------------------------------------------------
+
+
+def test_read_diffusers_folder_single_and_sharded(tiny, tiny_sd, tmp_path):
+    tiny.save_pretrained(tmp_path / "single")
+    tiny.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for name in ("single", "sharded"):
+        base = io.read_base(tmp_path / name)
+        assert base.layout == "diffusers" and base.dtype == "float32"
+        assert base.config["num_attention_heads"] == TINY_CONFIG["num_attention_heads"]
+        _assert_same_tensors(base.state_dict, tiny_sd)
+
+
+def test_read_pipeline_folder_uses_transformer_subfolder(tiny, tiny_sd, tmp_path):
+    tiny.save_pretrained(tmp_path / "pipe" / "transformer")
+    write_json(tmp_path / "pipe" / "model_index.json", {"_class_name": "WanPipeline"})
+    _assert_same_tensors(io.read_base(tmp_path / "pipe").state_dict, tiny_sd)
+
+
+def test_missing_shard_is_named(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        io.read_base(tmp_path)
+
+
+def test_missing_source_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
+        io.read_base(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        io.read_base(tmp_path / "empty")
+
+
+def test_read_original_folder_file_and_pickle(tiny_sd, tmp_path):
+    original = {k: torch.from_numpy(v) for k, v in layouts.diffusers_to_original(tiny_sd).items()}
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    save_file(original, folder / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "config.json", TINY_ORIGINAL_CONFIG)
+    base = io.read_base(folder)
+    assert base.layout == "original"
+    assert {k: base.config[k] for k in TINY_CONFIG if k != "patch_size"} == \
+        {k: v for k, v in TINY_CONFIG.items() if k != "patch_size"}
+    _assert_same_tensors(base.state_dict, tiny_sd)
+
+    # A bare .pth with ComfyUI's prefix, config given separately.
+    torch.save({"state_dict": {f"model.diffusion_model.{k}": v for k, v in original.items()}}, tmp_path / "w.pth")
+    base = io.read_base(tmp_path / "w.pth", config_path=folder / "config.json")
+    assert base.layout == "original"
+    _assert_same_tensors(base.state_dict, tiny_sd)
+
+
+def test_bf16_stays_bf16(tiny_sd, tmp_path):
+    sd = {k: torch.from_numpy(v).bfloat16() for k, v in tiny_sd.items()}
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save(sd, tmp_path / "w.ckpt")
+    for name in ("w.safetensors", "w.ckpt"):
+        got, _ = io.load_state_file(tmp_path / name)
+        k = "blocks.0.attn1.to_q.weight"
+        assert str(got[k].dtype) == "bfloat16"
+        np.testing.assert_array_equal(got[k].astype(np.float32), sd[k].float().numpy())
+
+
+def test_pickle_with_non_tensors_is_refused(tmp_path):
+    torch.save({"epoch": 3, "weights": {"a": torch.zeros(2)}}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="not tensors"):
+        io.load_state_file(tmp_path / "x.pth")
+
+
+# --- LoRA layouts -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_lora(tmp_path_factory):
+    model = tiny_transformer()
+    cfg = add_random_lora(model, rank=4, alpha=8.0)
+    folder = tmp_path_factory.mktemp("lora")
+    path = save_diffusers_lora(model, cfg, folder)
+    sd = {k: v.detach().numpy().copy() for k, v in peft_lora_state_dict(model).items()}
+    return path, sd
+
+
+def test_diffusers_lora_file_keeps_alpha(peft_lora):
+    from diffusers import WanPipeline
+
+    path, sd = peft_lora
+    lora = io.read_lora(path)
+    assert (lora.layout, lora.rank, lora.alpha, lora.alpha_source) == (layouts.LAYOUT_DIFFUSERS, 4, 8.0, "adapter metadata")
+    # Same tensors as diffusers' own reader of the file.
+    ref = WanPipeline.lora_state_dict(str(path))
+    _assert_same_tensors(lora.weights, {k.removeprefix("transformer."): v.numpy() for k, v in ref.items()})
+    _assert_same_tensors(lora.weights, sd)
+    assert lora.targets == ("blocks.*.attn2.to_k", "blocks.*.attn2.to_v", "condition_embedder.text_embedder.linear_1",
+                            "condition_embedder.text_embedder.linear_2")
+
+
+def _original_names(sd, factor_names=("lora_A", "lora_B"), adapter=""):
+    out = {}
+    for k, v in sd.items():
+        module, factor = k.rsplit(".lora_", 1)
+        factor = factor_names[0] if factor.startswith("A") else factor_names[1]
+        out[f"{layouts.diffusers_to_original_name(module)}.{factor}{adapter}.weight"] = v
+    return out
+
+
+def test_diffsynth_layout_equals_diffusers_layout(peft_lora, tmp_path):
+    _, sd = peft_lora
+    diffsynth = _original_names(sd, adapter=".default")
+    assert "blocks.0.cross_attn.k.lora_A.default.weight" in diffsynth
+    save_file({k: torch.from_numpy(v) for k, v in diffsynth.items()}, tmp_path / "ds.safetensors")
+    lora = io.read_lora(tmp_path / "ds.safetensors", alpha=8.0)
+    assert (lora.layout, lora.rank, lora.alpha) == (layouts.LAYOUT_ORIGINAL, 4, 8.0)
+    _assert_same_tensors(lora.weights, sd)
+
+
+def test_kohya_layout_matches_diffusers_conversion(peft_lora, tmp_path):
+    """`diffusion_model.` + lora_down/lora_up + .alpha, against diffusers' `lora_state_dict`."""
+    from diffusers import WanPipeline
+
+    _, sd = peft_lora
+    kohya = {f"diffusion_model.{k}": torch.from_numpy(v)
+             for k, v in _original_names(sd, ("lora_down", "lora_up")).items()}
+    # Per-module alphas, one of them different, so folding into a common alpha is exercised. diffusers'
+    # converter accepts no alpha on the text embedder: those modules run at scale 1 there and here.
+    for k in list(kohya):
+        if k.endswith("lora_down.weight") and ".blocks." in k:
+            module = k.removesuffix(".lora_down.weight")
+            kohya[f"{module}.alpha"] = torch.tensor(2.0 if "blocks.1.cross_attn.v" in module else 8.0)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    lora = io.read_lora(tmp_path / "kohya.safetensors")
+    assert (lora.layout, lora.rank, lora.alpha, lora.alpha_source) == (layouts.LAYOUT_ORIGINAL, 4, 8.0, "per-module .alpha keys")
+
+    # diffusers folds alpha into the factors (its LoRA then runs at scale 1); the weight deltas must agree.
+    ref = {k.removeprefix("transformer."): v.numpy() for k, v in WanPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors")).items()}
+    assert set(ref) == set(lora.weights)
+    for m in lora.modules:
+        got = _delta(lora.weights[f"{m}.lora_A.weight"], lora.weights[f"{m}.lora_B.weight"], lora.alpha / lora.rank)
+        want = _delta(ref[f"{m}.lora_A.weight"], ref[f"{m}.lora_B.weight"], 1.0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=m)
+
+
+def test_mixed_ranks_are_padded_exactly():
+    rng = np.random.default_rng(0)
+    a4, b4 = rng.standard_normal((4, 24)), rng.standard_normal((24, 4))
+    a2, b2 = rng.standard_normal((2, 24)), rng.standard_normal((24, 2))
+    sd = {"blocks.0.attn2.to_k.lora_A.weight": a4, "blocks.0.attn2.to_k.lora_B.weight": b4,
+          "blocks.0.attn2.to_v.lora_A.weight": a2, "blocks.0.attn2.to_v.lora_B.weight": b2}
+    md = {"transformer.lora_alpha": 8, "transformer.r": 4, "transformer.alpha_pattern": {"blocks.0.attn2.to_v": 1}}
+    lora = layouts.normalize_lora(sd, metadata=md)
+    assert (lora.rank, lora.alpha) == (4, 8.0)
+    w = lora.weights
+    np.testing.assert_allclose(_delta(w["blocks.0.attn2.to_k.lora_A.weight"], w["blocks.0.attn2.to_k.lora_B.weight"], 2.0),
+                               _delta(a4, b4, 8 / 4), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_delta(w["blocks.0.attn2.to_v.lora_A.weight"], w["blocks.0.attn2.to_v.lora_B.weight"], 2.0),
+                               _delta(a2, b2, 1 / 2), rtol=1e-5, atol=1e-5)
+
+
+def test_no_alpha_means_alpha_equals_rank_and_says_so(peft_lora, tmp_path, caplog):
+    _, sd = peft_lora
+    save_file({f"transformer.{k}": torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bare.safetensors")
+    with caplog.at_level(logging.INFO):
+        lora = io.read_lora(tmp_path / "bare.safetensors")
+    assert (lora.rank, lora.alpha) == (4, 4.0)
+    assert "alpha = rank" in caplog.text
+    assert io.read_lora(tmp_path / "bare.safetensors", alpha=8.0).alpha == 8.0
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
+def test_pickled_lora(peft_lora, tmp_path, suffix):
+    _, sd = peft_lora
+    wrapped = {"state_dict": _original_names({k: torch.from_numpy(v) for k, v in sd.items()}, adapter=".default")}
+    torch.save(wrapped, tmp_path / f"lora{suffix}")
+    lora = io.read_lora(tmp_path / f"lora{suffix}", alpha=8.0)
+    _assert_same_tensors(lora.weights, sd)
+
+
+def test_unknown_lora_layouts_list_keys_and_accepted_layouts():
+    z = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*lora_unet_blocks_0_cross_attn_k\.lora_down\.weight.*Accepted layouts.*diffusers/PEFT"):
+        layouts.normalize_lora({"lora_unet_blocks_0_cross_attn_k.lora_down.weight": z})
+    with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*'blocks\.0\.attn9\.to_k\.lora_A\.weight'.*Accepted layouts"):
+        layouts.normalize_lora({"blocks.0.attn9.to_k.lora_A.weight": z, "blocks.0.attn9.to_k.lora_B.weight": z.T})
+    with pytest.raises(ValueError, match=r"not implement.*lora_B\.bias"):
+        layouts.normalize_lora({"blocks.0.attn2.to_k.lora_B.bias": z})
+    with pytest.raises(ValueError, match=r"without both A.*blocks\.0\.attn2\.to_k"):
+        layouts.normalize_lora({"blocks.0.attn2.to_k.lora_A.weight": z})
+    with pytest.raises(ValueError, match=r"shapes A \(2, 3\), B \(2, 3\)"):
+        layouts.normalize_lora({"blocks.0.attn2.to_k.lora_A.weight": z, "blocks.0.attn2.to_k.lora_B.weight": z})
+
+
+def test_missing_lora_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"LoRA file .*missing\.safetensors.*does not exist"):
+        io.read_lora(tmp_path / "missing.safetensors")
+
+
+# --- atomic output ----------------------------------------------------------------------------------
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_output(dst) as tmp:
+            tmp.mkdir()
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    with io.atomic_output(dst) as tmp:
+        tmp.mkdir()
+        (tmp / "v1").write_text("1")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        with io.atomic_output(dst):
+            pass
+    with io.atomic_output(dst, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "v2").write_text("2")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["v2"]
