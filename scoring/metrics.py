@@ -1,0 +1,137 @@
+"""Evaluation metrics and the report: Correctness@tau curve (table, PNG) and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from scoring.dsr import CORRECTNESS_TAUS, DSR_TYPES, HEADLINE_TAU, correctness_curve
+from spatialalign_jax.store import Status
+
+
+def status_counts(status: Sequence[int] | np.ndarray) -> dict[str, int]:
+    """Number of samples per status name (only statuses that occur)."""
+    counts = Counter(int(s) for s in np.asarray(status).ravel())
+    return {Status(code).name: n for code, n in sorted(counts.items())}
+
+
+def correctness_by_type(dsr: np.ndarray, types: Sequence[str], tau: float = HEADLINE_TAU) -> dict[str, float]:
+    """Correctness@tau per DSR type; ``dsr`` is (num_prompts, samples), ``types`` one per prompt."""
+    dsr = np.asarray(dsr, np.float64).reshape(len(types), -1)
+    out = {}
+    for name in DSR_TYPES:
+        rows = [i for i, t in enumerate(types) if t == name]
+        if rows:
+            out[name] = correctness_curve(dsr[rows], taus=[tau])[float(tau)]
+    return out
+
+
+def correctness_table(curves: Mapping[str, Mapping[float, float]]) -> str:
+    """A plain-text table, one column per curve, one row per tau."""
+    names = list(curves)
+    width = max([10, *(len(n) + 2 for n in names)])
+    lines = ["tau".ljust(6) + "".join(n.rjust(width) for n in names)]
+    taus = sorted({t for c in curves.values() for t in c})
+    for t in taus:
+        cells = "".join(
+            (f"{100 * curves[n][t]:.1f}%" if t in curves[n] else "-").rjust(width) for n in names
+        )
+        lines.append(f"{t:<6.1f}{cells}")
+    return "\n".join(lines)
+
+
+def plot_correctness(curves: Mapping[str, Mapping[float, float]], path: str | os.PathLike,
+                     title: str = "Correctness@tau") -> None:
+    """Save the Correctness@tau curves as a PNG (like the paper's Figure 7a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for name, curve in curves.items():
+        taus = sorted(curve)
+        ax.plot(taus, [100 * curve[t] for t in taus], marker="o", ms=3, label=name)
+    ax.axvline(HEADLINE_TAU, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("tau (DSR-Score threshold)")
+    ax.set_ylabel("Correctness@tau (%)")
+    ax.set_xlim(-0.02, 0.92)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure_atomic(fig, Path(path))
+    plt.close(fig)
+
+
+def save_figure_atomic(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the report is strict JSON."""
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json_safe(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (NaN -> null) through a temp file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dsr_report(dsr: np.ndarray, status: np.ndarray, types: Sequence[str]) -> dict[str, Any]:
+    """The DSR part of the report for (num_prompts, samples) arrays of DSR-Scores and statuses.
+
+    Every sample counts in the denominator, unscored ones too (they are reported separately so a
+    half-scored run is never mistaken for a finished one).
+    """
+    dsr = np.asarray(dsr, np.float64)
+    status = np.asarray(status)
+    curve = correctness_curve(dsr, CORRECTNESS_TAUS)
+    return {
+        "num_prompts": int(dsr.shape[0]),
+        "num_samples": int(dsr.size),
+        "num_unscored": int(np.count_nonzero(status == Status.UNSCORED)),
+        "status_counts": status_counts(status),
+        "status_descriptions": {s.name: s.description for s in Status},
+        f"correctness@{HEADLINE_TAU}": curve[HEADLINE_TAU],
+        "correctness_curve": {f"{t:.1f}": v for t, v in curve.items()},
+        f"correctness@{HEADLINE_TAU}_by_type": correctness_by_type(dsr, types),
+        "mean_dsr_valid": float(np.nanmean(dsr)) if np.isfinite(dsr).any() else float("nan"),
+    }

@@ -1,0 +1,363 @@
+"""Scoring runs: samples of a store or a folder of mp4 files -> boxes, DSR-Score and status.
+
+The models come in as objects (a detector, a tracker and, for a store, a latent decoder), so the
+same code runs the real models and the tests' deterministic fakes.
+
+Scale and robustness:
+
+- ``shard=(i, n)`` scores the prompts with ``index % n == i``: n processes (one per GPU, under any
+  launcher) write disjoint prompts, hence disjoint chunks or files, at once.
+- Resumable: samples whose status is not UNSCORED are skipped (``retry_failed`` re-scores the
+  failure statuses too). Every result is written as soon as it exists, atomically, so a crash
+  loses at most the sample in flight.
+- A sample that cannot be scored (unreadable video, wrong frame count, missing prompt row, a
+  model error) gets a failure status and a logged error naming it; the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from scoring.dsr import dsr_score
+from scoring.metrics import write_json_atomic
+from scoring.video import DEFAULT_FPS, VideoError, parse_video_name, read_video, video_name, write_video
+from spatialalign_jax.store import Status, Store
+
+log = logging.getLogger("scoring")
+
+T = TypeVar("T")
+
+Decoder = Callable[[np.ndarray], np.ndarray]  # latents (C, F, H, W) -> frames (T, H, W, 3) uint8
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+@dataclass
+class ItemResult:
+    """One video's scoring outcome."""
+
+    status: Status
+    dsr: float = float("nan")
+    boxes_animal: np.ndarray | None = None
+    boxes_object: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts per status of the samples it scored, and what it skipped."""
+
+    scored: Counter = field(default_factory=Counter)
+    skipped_done: int = 0
+    skipped_no_latents: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        n = sum(self.scored.values())
+        rate = n / self.seconds if self.seconds > 0 else float("nan")
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(self.scored.items()))
+        extra = f"; skipped {self.skipped_done} already scored"
+        if self.skipped_no_latents:
+            extra += f", {self.skipped_no_latents} without latents yet"
+        return f"scored {n} videos in {self.seconds:.1f}s ({rate:.2f} videos/s): {parts or 'none'}{extra}"
+
+
+def score_frames(frames: np.ndarray, animal: str, obj: str, dsr_type: str, detector: Any, tracker: Any) -> ItemResult:
+    """Detect, validate, track and score one decoded video (SPEC sections 3 and 4)."""
+    from scoring.validity import boxes_for_video
+
+    boxes_a, boxes_o, status = boxes_for_video(frames, animal, obj, detector, tracker)
+    if status != Status.VALID:
+        return ItemResult(Status(status), float("nan"), boxes_a, boxes_o)
+    dsr = dsr_score(boxes_a, boxes_o, dsr_type)
+    if math.isnan(dsr):
+        return ItemResult(Status.TOO_FEW_TRACKED_FRAMES, dsr, boxes_a, boxes_o)
+    return ItemResult(Status.VALID, dsr, boxes_a, boxes_o)
+
+
+def _model_error(what: str, err: BaseException) -> ItemResult:
+    log.error("%s: model error: %s", what, err)
+    log.debug("%s", "".join(traceback.format_exception(err)))
+    return ItemResult(Status.MODEL_ERROR, error=f"{type(err).__name__}: {err}")
+
+
+def _prefetch(loaders: Iterable[Callable[[], T]]) -> Iterator[tuple[T | None, BaseException | None]]:
+    """Run each loader one step ahead in a thread (I/O and video decoding overlap the models)."""
+
+    def run(loader: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+        try:
+            return loader(), None
+        except Exception as e:  # handed to the consumer, which records the item's failure
+            return None, e
+
+    it = iter(loaders)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = next(it, None)
+        pending = pool.submit(run, nxt) if nxt is not None else None
+        while pending is not None:
+            result = pending.result()
+            nxt = next(it, None)
+            pending = pool.submit(run, nxt) if nxt is not None else None
+            yield result
+
+
+def _inspection_outputs(frames: np.ndarray | None, result: ItemResult, dsr_type: str, name: str,
+                        mp4_dir: Path | None, plots_dir: Path | None, fps: int) -> None:
+    """Optional mp4 and SSR-curve PNG of one sample; failures here never fail the sample."""
+    try:
+        if mp4_dir is not None and frames is not None:
+            write_video(mp4_dir / f"{name}.mp4", frames, fps=fps)
+        if plots_dir is not None and result.boxes_animal is not None:
+            from scoring.plots import plot_ssr_curves
+
+            plot_ssr_curves(result.boxes_animal, result.boxes_object, dsr_type, plots_dir / f"{name}.png", title=name)
+    except Exception as e:
+        log.warning("%s: could not write the inspection mp4/plot: %s", name, e)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="video", disable=not enabled, dynamic_ncols=True)
+
+
+# -- store ---------------------------------------------------------------------------------------------
+
+
+def score_store(
+    store: Store,
+    detector: Any,
+    tracker: Any,
+    decode: Decoder,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    retry_failed: bool = False,
+    mp4_dir: str | os.PathLike | None = None,
+    plots_dir: str | os.PathLike | None = None,
+    fps: int = DEFAULT_FPS,
+    progress: bool = True,
+) -> RunSummary:
+    """Score the samples of ``store`` (opened "r+") in ``shard``: decode, detect, track, DSR, write."""
+    import time
+
+    if store.mode != "r+":
+        raise ValueError(f"score_store needs the store opened with mode='r+', got {store.mode!r}")
+    i, n = shard
+    mp4_dir = Path(mp4_dir) if mp4_dir is not None else None
+    plots_dir = Path(plots_dir) if plots_dir is not None else None
+    summary = RunSummary()
+    seeds, status = store.read_seeds(), store.read_status()
+    work = []
+    for p in range(i, store.num_prompts, n):
+        for s in range(store.samples_per_prompt):
+            st = Status(int(status[p, s]))
+            if st != Status.UNSCORED and not (retry_failed and st.is_failure):
+                summary.skipped_done += 1
+            elif seeds[p, s] < 0:
+                summary.skipped_no_latents += 1
+            else:
+                work.append((p, s))
+    start = time.perf_counter()
+    bar = _progress(len(work), f"score {i}/{n}", progress)
+    loaders = [(lambda p=p, s=s: store.read_latents(p, s)) for p, s in work]
+    for (p, s), (loaded, err) in zip(work, _prefetch(loaders)):
+        row = store.prompts[p]
+        name = video_name(row["prompt_id"], seeds[p, s])
+        frames = None
+        if err is not None:
+            result = _model_error(f"{name} (reading latents)", err)
+        else:
+            latents, _ = loaded
+            try:
+                frames = decode(latents)
+            except Exception as e:
+                result = _model_error(f"{name} (VAE decode)", e)
+            else:
+                if len(frames) != store.num_frames:
+                    msg = f"decoded {len(frames)} frames, the store expects {store.num_frames}"
+                    log.error("%s: %s", name, msg)
+                    result = ItemResult(Status.WRONG_FRAME_COUNT, error=msg)
+                else:
+                    try:
+                        result = score_frames(frames, row["animal"], row["object"], row["type"], detector, tracker)
+                    except Exception as e:
+                        result = _model_error(name, e)
+        store.write_score(p, s, status=result.status, dsr=result.dsr,
+                          boxes_animal=result.boxes_animal, boxes_object=result.boxes_object)
+        _inspection_outputs(frames, result, row["type"], Path(name).stem, mp4_dir, plots_dir, fps)
+        summary.scored[result.status.name] += 1
+        bar.update(1)
+        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _postfix(counts: Counter) -> str:
+    return " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+
+
+# -- folder of videos ---------------------------------------------------------------------------------
+
+RESULTS_SUBDIR = "scores"
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One mp4 of a video folder, resolved against the prompt table."""
+
+    path: Path
+    prompt: Mapping[str, str] | None  # None: no prompt row matches the file name
+    seed: int | None
+    shard_key: int
+
+    @property
+    def key(self) -> str:
+        return self.path.stem
+
+
+def list_videos(video_dir: str | os.PathLike, prompts: Sequence[Mapping[str, str]]) -> list[VideoItem]:
+    """The ``*.mp4`` files of ``video_dir`` (``{prompt_id}_{seed}.mp4``), sorted by name."""
+    video_dir = Path(video_dir)
+    if not video_dir.is_dir():
+        raise FileNotFoundError(f"video folder {str(video_dir)!r} does not exist")
+    index = {row["prompt_id"]: k for k, row in enumerate(prompts)}
+    items = []
+    for path in sorted(video_dir.glob("*.mp4")):
+        parsed = parse_video_name(path.name, index)
+        if parsed is None:
+            # Unmatched files still get a stable shard so exactly one process reports them.
+            items.append(VideoItem(path, None, None, zlib.crc32(path.stem.encode())))
+        else:
+            pid, seed = parsed
+            items.append(VideoItem(path, prompts[index[pid]], seed, index[pid]))
+    return items
+
+
+def result_path(results_dir: str | os.PathLike, key: str) -> Path:
+    return Path(results_dir) / RESULTS_SUBDIR / f"{key}.json"
+
+
+def load_video_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """All per-video results in ``results_dir``, by video key (file stem)."""
+    out = {}
+    for path in sorted((Path(results_dir) / RESULTS_SUBDIR).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("ignoring unreadable result file %s (%s); its video will be re-scored", path, e)
+            continue
+        out[path.stem] = rec
+    return out
+
+
+def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
+    def boxes(b: np.ndarray | None) -> list | None:
+        return None if b is None else [[None if not np.isfinite(x) else float(x) for x in row] for row in b]
+
+    return {
+        "video": item.path.name,
+        "prompt_id": item.prompt["prompt_id"] if item.prompt else None,
+        "seed": item.seed,
+        "type": item.prompt["type"] if item.prompt else None,
+        "status": int(result.status),
+        "status_name": result.status.name,
+        "dsr": result.dsr,
+        "error": result.error,
+        "boxes_animal": boxes(result.boxes_animal),
+        "boxes_object": boxes(result.boxes_object),
+    }
+
+
+def record_boxes(rec: Mapping[str, Any], name: str) -> np.ndarray | None:
+    """A result record's (T, 4) boxes with NaN rows, or None."""
+    rows = rec.get(name)
+    if rows is None:
+        return None
+    return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float32).reshape(-1, 4)
+
+
+def score_video_dir(
+    video_dir: str | os.PathLike,
+    prompts: Sequence[Mapping[str, str]],
+    results_dir: str | os.PathLike,
+    detector: Any,
+    tracker: Any,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    num_frames: int | None = None,
+    retry_failed: bool = False,
+    plots_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Score the mp4 files of ``video_dir`` into ``results_dir/scores/{name}.json``, one file per video."""
+    import time
+
+    i, n = shard
+    plots_dir = Path(plots_dir) if plots_dir is not None else None
+    done = load_video_results(results_dir)
+    summary = RunSummary()
+    work = []
+    for item in list_videos(video_dir, prompts):
+        if item.shard_key % n != i:
+            continue
+        rec = done.get(item.key)
+        if rec is not None:
+            st = Status(rec["status"])
+            if st != Status.UNSCORED and not (retry_failed and st.is_failure):
+                summary.skipped_done += 1
+                continue
+        work.append(item)
+    start = time.perf_counter()
+    bar = _progress(len(work), f"score {i}/{n}", progress)
+
+    def loader(item: VideoItem) -> Callable[[], np.ndarray | None]:
+        return lambda: None if item.prompt is None else read_video(item.path, num_frames)
+
+    for item, (frames, err) in zip(work, _prefetch(loader(it) for it in work)):
+        if item.prompt is None:
+            msg = f"no prompt row matches {item.path.name!r} (expected {{prompt_id}}_{{seed}}.mp4 with a prompt_id of the CSV)"
+            log.error("%s", msg)
+            result = ItemResult(Status.MISSING_PROMPT, error=msg)
+        elif isinstance(err, VideoError):
+            log.error("%s", err)
+            result = ItemResult(Status.WRONG_FRAME_COUNT if err.kind == "frame_count" else Status.UNREADABLE_VIDEO,
+                                error=str(err))
+        elif err is not None:
+            log.error("%s: unreadable: %s", item.path, err)
+            result = ItemResult(Status.UNREADABLE_VIDEO, error=f"{type(err).__name__}: {err}")
+        else:
+            row = item.prompt
+            try:
+                result = score_frames(frames, row["animal"], row["object"], row["type"], detector, tracker)
+            except Exception as e:
+                result = _model_error(str(item.path), e)
+        write_json_atomic(result_path(results_dir, item.key), _record(item, result))
+        if item.prompt is not None:
+            _inspection_outputs(None, result, item.prompt["type"], item.key, None, plots_dir, DEFAULT_FPS)
+        summary.scored[result.status.name] += 1
+        bar.update(1)
+        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
