@@ -135,3 +135,31 @@ def sam2_package_checkpoint(folder: str | Path) -> Path:
     path = folder / "tiny_sam2.pt"
     torch.save({"model": predictor.state_dict()}, path)
     return path
+
+
+def umt5_tokenizer():
+    """A word-level SentencePiece-style (Unigram) T5 tokenizer built offline, with letter fallbacks."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(dict.fromkeys(WORDS))]
+    vocab += [(c, -100.0) for c in "abcdefghijklmnopqrstuvwxyz,.'-"] + [("\u2581", -50.0)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def umt5(folder: str | Path, wan_layout: bool = False) -> Path:
+    """A 2-layer umT5 encoder (d_model 32) and its tokenizer in ``folder`` (or, with ``wan_layout``,
+    in ``folder/text_encoder`` and ``folder/tokenizer`` as in a Wan diffusers checkpoint)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = umt5_tokenizer()
+    config = UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+    )
+    model = UMT5EncoderModel(config).eval()
+    model.save_pretrained(folder / "text_encoder" if wan_layout else folder)
+    tokenizer.save_pretrained(folder / "tokenizer" if wan_layout else folder)
+    return folder

@@ -1,0 +1,85 @@
+"""umT5 prompt embeddings, computed exactly as diffusers' ``WanPipeline._get_t5_prompt_embeds``.
+
+The pipeline cleans each prompt (``prompt_clean``: ftfy when installed, HTML unescaping, white
+space), tokenizes it padded to ``max_sequence_length`` (512 in ``WanPipeline.__call__``) with the
+attention mask, runs ``UMT5EncoderModel`` and keeps the first ``len`` rows, ``len`` being the
+prompt's true token count (EOS included); the DiT then sees those rows zero-padded to 512. This
+module returns the unpadded rows (SPEC section 6: the store keeps rows and length).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from scoring.detect import default_device, require_model_dir
+
+MAX_SEQUENCE_LENGTH = 512
+
+
+class UMT5TextEncoder:
+    """umT5 encoder + tokenizer from a local folder.
+
+    ``model_dir`` is a Wan diffusers checkpoint's root (with ``text_encoder/`` and ``tokenizer/``)
+    or a folder holding both the encoder's ``config.json`` and the tokenizer files.
+    ``dtype`` is the encoder's precision (float32 by default; the Wan checkpoints ship bfloat16).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 8,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    ):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        root = os.fspath(model_dir)
+        if os.path.isdir(os.path.join(root, "text_encoder")):
+            encoder_dir = require_model_dir(os.path.join(root, "text_encoder"), "umT5 text encoder")
+            tokenizer_dir = os.path.join(root, "tokenizer")
+        else:
+            encoder_dir = require_model_dir(root, "umT5 text encoder")
+            tokenizer_dir = root
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size
+        self.max_sequence_length = max_sequence_length
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.model = UMT5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, dtype=dtype or torch.float32)
+        self.model.to(self.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        """Per prompt, its (len_i, D) float32 embedding rows, ``len_i`` = its true token count."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        rows: list[np.ndarray] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [prompt_clean(p) for p in prompts[start : start + self.batch_size]]
+            tokens = self.tokenizer(
+                batch,
+                padding="max_length",
+                max_length=self.max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            mask = tokens.attention_mask
+            lengths = mask.gt(0).sum(dim=1).tolist()
+            hidden = self.model(tokens.input_ids.to(self.device), mask.to(self.device)).last_hidden_state
+            hidden = hidden.float().cpu().numpy()
+            rows.extend(h[:n].copy() for h, n in zip(hidden, lengths))
+        return rows
