@@ -215,15 +215,16 @@ class TorchDpoStep:
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise ValueError(f"batch lacks {missing}; a batch needs {list(BATCH_KEYS)}")
-        x0_w, x0_l = batch["x0_w"].float(), batch["x0_l"].float()
-        eps_w, eps_l = batch["eps_w"].float(), batch["eps_l"].float()
+        # numpy arrays are welcome: the JAX side feeds the same host values
+        x0_w, x0_l, eps_w, eps_l, text_emb = (torch.as_tensor(batch[k]).float()
+                                              for k in ("x0_w", "x0_l", "eps_w", "eps_l", "text_emb"))
         b = x0_w.shape[0]
         sigma = torch.as_tensor(batch["sigma"], dtype=torch.float32).expand(b)
         s = sigma.view(-1, *([1] * (x0_w.ndim - 1)))
         x_t = torch.cat([(1 - s) * x0_w + s * eps_w, (1 - s) * x0_l + s * eps_l])
         target_w, target_l = eps_w - x0_w, eps_l - x0_l
         sigma2 = torch.cat([sigma, sigma])
-        text2 = torch.cat([batch["text_emb"], batch["text_emb"]])
+        text2 = torch.cat([text_emb, text_emb])
         # Winner and loser in one forward pass, the reference (adapter off) without a graph.
         pred_w, pred_l = self.predict(x_t, sigma2, text2).float().split(b)
         if self.loss_kwargs["kind"] == "sft":

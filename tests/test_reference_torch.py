@@ -141,6 +141,10 @@ def test_gradient_accumulation_matches_one_big_batch():
         losses.append(step.step(batch)["loss"])
         grads.append(step.lora_grads())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # numpy inputs (what the JAX side holds) give the same step
+    step = TorchDpoStep(tiny_model(), lora_rank=RANK, lora_alpha=ALPHA, grad_accum=2, warmup_steps=0)
+    step.load_lora_state_dict(random_lora(step))
+    assert step.step({k: v.numpy() for k, v in batch.items()})["loss"] == pytest.approx(losses[1], rel=1e-6)
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="does not split into grad_accum=3"):
