@@ -22,15 +22,15 @@ def status_counts(status: Sequence[int] | np.ndarray) -> dict[str, int]:
     return {Status(code).name: n for code, n in sorted(counts.items())}
 
 
-def correctness_by_type(dsr: np.ndarray, types: Sequence[str], tau: float = HEADLINE_TAU) -> dict[str, float]:
-    """Correctness@tau per DSR type; ``dsr`` is (num_prompts, samples), ``types`` one per prompt."""
-    dsr = np.asarray(dsr, np.float64).reshape(len(types), -1)
-    out = {}
-    for name in DSR_TYPES:
-        rows = [i for i, t in enumerate(types) if t == name]
-        if rows:
-            out[name] = correctness_curve(dsr[rows], taus=[tau])[float(tau)]
-    return out
+def correctness_by_type(dsr: Sequence[float] | np.ndarray, types: Sequence[str],
+                        tau: float = HEADLINE_TAU) -> dict[str, float]:
+    """Correctness@tau per DSR type; ``dsr`` and ``types`` have one entry per sample."""
+    dsr = np.asarray(dsr, np.float64).ravel()
+    types = np.asarray(types)
+    if dsr.shape != types.shape:
+        raise ValueError(f"{dsr.size} DSR values but {types.size} types")
+    return {name: correctness_curve(dsr[types == name], taus=[tau])[float(tau)]
+            for name in DSR_TYPES if (types == name).any()}
 
 
 def correctness_table(curves: Mapping[str, Mapping[float, float]]) -> str:
@@ -115,23 +115,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
-def dsr_report(dsr: np.ndarray, status: np.ndarray, types: Sequence[str]) -> dict[str, Any]:
-    """The DSR part of the report for (num_prompts, samples) arrays of DSR-Scores and statuses.
+def dsr_report(dsr: Sequence[float] | np.ndarray, status: Sequence[int] | np.ndarray,
+               types: Sequence[str]) -> dict[str, Any]:
+    """The DSR part of the report; one entry per sample in each argument.
 
     Every sample counts in the denominator, unscored ones too (they are reported separately so a
     half-scored run is never mistaken for a finished one).
     """
-    dsr = np.asarray(dsr, np.float64)
-    status = np.asarray(status)
+    dsr = np.asarray(dsr, np.float64).ravel()
+    status = np.asarray(status).ravel()
     curve = correctness_curve(dsr, CORRECTNESS_TAUS)
     return {
-        "num_prompts": int(dsr.shape[0]),
         "num_samples": int(dsr.size),
         "num_unscored": int(np.count_nonzero(status == Status.UNSCORED)),
         "status_counts": status_counts(status),
-        "status_descriptions": {s.name: s.description for s in Status},
         f"correctness@{HEADLINE_TAU}": curve[HEADLINE_TAU],
         "correctness_curve": {f"{t:.1f}": v for t, v in curve.items()},
         f"correctness@{HEADLINE_TAU}_by_type": correctness_by_type(dsr, types),
-        "mean_dsr_valid": float(np.nanmean(dsr)) if np.isfinite(dsr).any() else float("nan"),
+        "mean_dsr_of_valid": float(np.nanmean(dsr)) if np.isfinite(dsr).any() else float("nan"),
+        "status_descriptions": {s.name: s.description for s in Status},
     }

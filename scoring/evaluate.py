@@ -1,0 +1,157 @@
+"""Evaluation of a scored store or video folder: Correctness@tau, quality metrics, the report.
+
+Outputs in ``out_dir``: ``report.json`` (strict JSON, NaN as null), ``correctness.png`` and
+``correctness.txt`` (the curve as a table, also printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from scoring.dsr import CORRECTNESS_TAUS, correctness_curve
+from scoring.metrics import correctness_table, dsr_report, plot_correctness, write_json_atomic
+from scoring.run import list_videos, load_video_results, record_boxes
+from scoring.video import read_video, video_name
+from spatialalign_jax.store import Status, Store
+
+log = logging.getLogger("scoring")
+
+# A quality metric: frames (T, H, W, 3) uint8 and the animal's boxes (T, 4) (NaN rows, or None
+# when the video has none) -> one number, NaN when it does not apply to this video.
+QualityMetric = Callable[[np.ndarray, "np.ndarray | None"], float]
+
+
+@dataclass
+class EvalSample:
+    """One sample under evaluation."""
+
+    prompt_id: str
+    seed: int | None
+    type: str
+    status: Status
+    dsr: float
+    boxes_animal: np.ndarray | None = None
+    frames: Callable[[], np.ndarray] | None = None  # loads the video for the quality metrics
+
+
+def store_samples(store: Store, split: str | None = None,
+                  frames_for: Callable[[int, int], Callable[[], np.ndarray]] | None = None) -> list[EvalSample]:
+    """The samples of ``store`` (of ``split`` if given), in prompt then sample order."""
+    dsr, status, seeds = store.read_dsr(), store.read_status(), store.read_seeds()
+    prompts = [p for p, row in enumerate(store.prompts) if split is None or row["split"] == split]
+    if not prompts:
+        raise ValueError(f"store {store.path} has no prompts of split {split!r}")
+    boxes_a, _ = store.read_boxes(prompts)
+    out = []
+    for k, p in enumerate(prompts):
+        row = store.prompts[p]
+        for s in range(store.samples_per_prompt):
+            out.append(EvalSample(
+                prompt_id=row["prompt_id"], seed=int(seeds[p, s]) if seeds[p, s] >= 0 else None,
+                type=row["type"], status=Status(int(status[p, s])), dsr=float(dsr[p, s]),
+                boxes_animal=boxes_a[k, s], frames=frames_for(p, s) if frames_for else None,
+            ))
+    return out
+
+
+def video_dir_samples(video_dir: str | os.PathLike, prompts: Sequence[Mapping[str, str]],
+                      results_dir: str | os.PathLike, num_frames: int | None = None) -> tuple[list[EvalSample], dict]:
+    """The videos of ``video_dir`` that match a prompt row, with their results (if scored).
+
+    Also returns notes for the report: files with no prompt row and prompts without any video.
+    """
+    results = load_video_results(results_dir)
+    samples, unmatched = [], []
+    seen_prompts = set()
+    for item in list_videos(video_dir, prompts):
+        if item.prompt is None:
+            unmatched.append(item.path.name)
+            continue
+        seen_prompts.add(item.prompt["prompt_id"])
+        rec = results.get(item.key)
+        samples.append(EvalSample(
+            prompt_id=item.prompt["prompt_id"], seed=item.seed, type=item.prompt["type"],
+            status=Status(rec["status"]) if rec else Status.UNSCORED,
+            dsr=float("nan") if rec is None or rec["dsr"] is None else float(rec["dsr"]),
+            boxes_animal=record_boxes(rec, "boxes_animal") if rec else None,
+            frames=(lambda path=item.path: read_video(path, num_frames)),
+        ))
+    notes = {
+        "videos_without_prompt_row": unmatched,
+        "prompts_without_videos": [r["prompt_id"] for r in prompts if r["prompt_id"] not in seen_prompts],
+    }
+    return samples, notes
+
+
+def quality_report(samples: Sequence[EvalSample], metrics: Mapping[str, QualityMetric],
+                   progress: bool = True) -> dict[str, Any]:
+    """Mean of each quality metric over the samples it applies to (finite values)."""
+    values: dict[str, list[float]] = {name: [] for name in metrics}
+    errors = 0
+    usable = [s for s in samples if s.frames is not None and not s.status.is_failure]
+    for sample in tqdm(usable, desc="quality", unit="video", disable=not progress, dynamic_ncols=True):
+        name_of = video_name(sample.prompt_id, sample.seed or 0)
+        try:
+            frames = sample.frames()
+        except Exception as e:
+            log.error("%s: cannot load frames for the quality metrics: %s", name_of, e)
+            errors += 1
+            continue
+        for name, metric in metrics.items():
+            try:
+                v = float(metric(frames, sample.boxes_animal))
+            except Exception as e:
+                log.error("%s: quality metric %s failed: %s", name_of, name, e)
+                errors += 1
+                continue
+            if math.isfinite(v):
+                values[name].append(v)
+    out: dict[str, Any] = {}
+    for name, vs in values.items():
+        out[name] = {"mean": float(np.mean(vs)) if vs else float("nan"), "num_samples": len(vs)}
+    out["errors"] = errors
+    return out
+
+
+def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, *, label: str,
+                     source: Mapping[str, Any], quality: Mapping[str, QualityMetric] | None = None,
+                     quality_note: str | None = None, notes: Mapping[str, Any] | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Build, write and return the report; prints the Correctness@tau table."""
+    if not samples:
+        raise ValueError("there are no samples to evaluate")
+    out_dir = Path(out_dir)
+    dsr = np.array([s.dsr for s in samples], np.float64)
+    status = np.array([int(s.status) for s in samples])
+    types = [s.type for s in samples]
+    report: dict[str, Any] = {"label": label, "source": dict(source), "dsr": dsr_report(dsr, status, types)}
+    unscored = report["dsr"]["num_unscored"]
+    if unscored:
+        log.warning("%d of %d samples are not scored yet; they count as incorrect in Correctness@tau",
+                    unscored, len(samples))
+    if quality:
+        report["quality"] = quality_report(samples, quality, progress=progress)
+    else:
+        report["quality"] = {"skipped": quality_note or "no quality model folders given (--dinov2, --clip)"}
+    if notes:
+        report["notes"] = dict(notes)
+    report["samples"] = [
+        {"prompt_id": s.prompt_id, "seed": s.seed, "type": s.type, "status": s.status.name, "dsr": s.dsr}
+        for s in samples
+    ]
+    curve = correctness_curve(dsr, CORRECTNESS_TAUS)
+    table = correctness_table({label: curve})
+    print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "correctness.txt").write_text(table + "\n")
+    plot_correctness({label: curve}, out_dir / "correctness.png")
+    write_json_atomic(out_dir / "report.json", report)
+    return report
