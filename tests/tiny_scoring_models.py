@@ -163,3 +163,18 @@ def umt5(folder: str | Path, wan_layout: bool = False) -> Path:
     model.save_pretrained(folder / "text_encoder" if wan_layout else folder)
     tokenizer.save_pretrained(folder / "tokenizer" if wan_layout else folder)
     return folder
+
+
+def wan_vae(folder: str | Path, z_dim: int = 4) -> Path:
+    """A Wan VAE (``AutoencoderKLWan``) with base width 8 and non-trivial latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1 * (i + 1) - 0.2 for i in range(z_dim)],
+        latents_std=[0.5 + 0.25 * i for i in range(z_dim)],
+    ).eval()
+    vae.save_pretrained(folder)
+    return folder
