@@ -71,11 +71,9 @@ class Attention(nnx.Module):
         self.to_k = b.linear(f"{path}.to_k", dim, dim)
         self.to_v = b.linear(f"{path}.to_v", dim, dim)
         self.to_out = nnx.List([b.linear(f"{path}.to_out.0", dim, dim), None])  # [linear, dropout]
-        if cfg.qk_norm:
-            self.norm_q = RMSNorm(dim, eps=cfg.eps, param_dtype=b.param_dtype)
-            self.norm_k = RMSNorm(dim, eps=cfg.eps, param_dtype=b.param_dtype)
-        else:
-            self.norm_q = self.norm_k = None
+        # diffusers builds and applies q/k RMSNorm across heads whatever `qk_norm` says; so do we.
+        self.norm_q = RMSNorm(dim, eps=cfg.eps, param_dtype=b.param_dtype)
+        self.norm_k = RMSNorm(dim, eps=cfg.eps, param_dtype=b.param_dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None,
                  implementation: str, use_lora: bool) -> jax.Array:
@@ -83,8 +81,7 @@ class Attention(nnx.Module):
         q = self.to_q(x, use_lora)
         k = self.to_k(context, use_lora)
         v = self.to_v(context, use_lora)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (t.reshape(*t.shape[:-1], self.heads, -1) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
