@@ -179,8 +179,7 @@ def diffusers_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
 def original_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """Maps an original Wan `config.json` (dim, num_heads, in_dim, ...) to diffusers' config names.
 
-    Image-to-video models (model_type i2v/flf2v/vace...) set `image_dim`/`added_kv_proj_dim`, which
-    `WanConfig.from_diffusers` then refuses with its own message.
+    Models other than text-to-video (model_type i2v, flf2v, vace, ...) are refused.
     """
     required = ("dim", "num_heads", "ffn_dim", "num_layers")
     missing = [k for k in required if k not in config]
@@ -190,6 +189,11 @@ def original_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     if dim % heads:
         raise ValueError(f"original Wan config: dim={dim} is not divisible by num_heads={heads}")
     model_type = config.get("model_type", "t2v")
+    if model_type != "t2v":
+        raise ValueError(
+            f"original Wan config has model_type={model_type!r}: only text-to-video ('t2v') models can be "
+            "represented (image-to-video and VACE models have image-conditioning layers this model lacks)"
+        )
     out: dict[str, Any] = {
         "patch_size": list(config.get("patch_size", (1, 2, 2))),
         "num_attention_heads": heads,
@@ -204,10 +208,6 @@ def original_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         "qk_norm": "rms_norm_across_heads" if config.get("qk_norm", True) else None,
         "eps": float(config.get("eps", 1e-6)),
     }
-    if model_type != "t2v":
-        # diffusers' converter gives these models an image embedder; mark it so the config check refuses.
-        out["image_dim"] = 1280
-        out["added_kv_proj_dim"] = dim
     return out
 
 
@@ -248,9 +248,12 @@ def infer_diffusers_config(sd: Mapping[str, Any]) -> dict[str, Any]:
         "qk_norm": "rms_norm_across_heads" if "blocks.0.attn1.norm_q.weight" in sd else None,
         "eps": 1e-6,
     }
-    if any(k.startswith("condition_embedder.image_embedder.") for k in sd):
-        config["image_dim"] = shape("condition_embedder.image_embedder.ff.net.0.proj.weight")[1]
-        config["added_kv_proj_dim"] = dim
+    image_keys = [k for k in sd if k.startswith("condition_embedder.image_embedder.") or ".add_k_proj." in k]
+    if image_keys:
+        raise ValueError(
+            f"checkpoint has image-conditioning weights ({_key_error_list(image_keys, 2)}): an image-to-video "
+            "model, which this text-to-video model cannot represent"
+        )
     return config
 
 

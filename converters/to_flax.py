@@ -88,8 +88,11 @@ def convert(
     dst = io.check_destination(dst, overwrite=overwrite)
     base = io.read_base(src, config_path=config)
     log.info("read %s (%s layout, %d tensors, %s)", base.source, base.layout, len(base.state_dict), base.dtype)
-    cfg = WanConfig.from_diffusers(base.config)
-    flat = flax_from_diffusers(cfg, base.state_dict)
+    try:
+        cfg = WanConfig.from_diffusers(base.config)
+        flat = flax_from_diffusers(cfg, base.state_dict)
+    except ValueError as e:
+        raise ValueError(f"{base.source}: {e}") from None
     if dtype is None and base.dtype not in DTYPES:
         log.info("source dtype %s is not one the model runs in: storing float32", base.dtype)
         dtype = "float32"

@@ -66,8 +66,8 @@ def test_original_config_maps_to_diffusers():
     cfg = layouts.original_config_to_diffusers(TINY_ORIGINAL_CONFIG)
     assert {k: cfg[k] for k in TINY_CONFIG if k != "patch_size"} == {k: v for k, v in TINY_CONFIG.items() if k != "patch_size"}
     assert tuple(cfg["patch_size"]) == TINY_CONFIG["patch_size"]
-    i2v = layouts.original_config_to_diffusers({**TINY_ORIGINAL_CONFIG, "model_type": "i2v"})
-    assert i2v["image_dim"] is not None
+    with pytest.raises(ValueError, match="model_type='i2v'.*only text-to-video"):
+        layouts.original_config_to_diffusers({**TINY_ORIGINAL_CONFIG, "model_type": "i2v"})
 
 
 def test_config_inferred_from_shapes_for_wan_sized_heads():

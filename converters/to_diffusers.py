@@ -1,0 +1,183 @@
+"""Export a converted Flax checkpoint back to diffusers.
+
+    python -m converters.to_diffusers --src CKPT --dst DST [--merge] [--max-shard-size 10GB] [--overwrite]
+
+Default: the checkpoint's LoRA as a safetensors file that `WanPipeline.load_lora_weights` loads as
+is (keys `transformer.blocks.N.attn2.to_k.lora_A.weight`, alpha kept in the `lora_adapter_metadata`
+entry diffusers' `save_lora_weights` writes). DST is a `.safetensors` path, or a folder that gets
+`pytorch_lora_weights.safetensors`. With --merge: a full `WanTransformer3DModel` folder
+(config.json + safetensors, sharded above --max-shard-size) with W + (alpha/r) B A folded in.
+Either output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from converters import io
+
+log = logging.getLogger("converters.to_diffusers")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _to_torch(value: np.ndarray):
+    import torch
+
+    value = np.ascontiguousarray(value)
+    if value.dtype.name == "bfloat16":  # ml_dtypes: numpy has no native bf16, torch does
+        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(value)
+
+
+def _load(src: str | Path):
+    from spatialalign_jax.checkpoint import lora_config_from_meta, read_checkpoint
+    from spatialalign_jax.config import WanConfig
+
+    meta, base, lora = read_checkpoint(src)
+    return WanConfig.from_diffusers(meta["config"]), base, lora_config_from_meta(meta), lora
+
+
+def peft_adapter_config(lora_cfg, modules: Sequence[str]) -> dict[str, Any]:
+    """The PEFT `LoraConfig.to_dict()` that diffusers' training scripts store with a LoRA."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    alpha = lora_cfg.alpha
+    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
+    # Full module names as targets: PEFT matches a target as a dotted suffix, so each hits one layer.
+    return PeftLoraConfig(r=lora_cfg.rank, lora_alpha=alpha, target_modules=sorted(modules),
+                          lora_dropout=0.0, init_lora_weights=True).to_dict()
+
+
+def _save_lora_file(path: Path, layers: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+    from diffusers import WanPipeline
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.scratch-") as scratch:
+        # diffusers' own writer, so the file is what its training scripts produce.
+        WanPipeline.save_lora_weights(scratch, transformer_lora_layers=dict(layers),
+                                      transformer_lora_adapter_metadata=dict(metadata), weight_name=io.LORA_WEIGHTS)
+        os.replace(Path(scratch) / io.LORA_WEIGHTS, path)
+
+
+def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """Writes the checkpoint's LoRA as a diffusers LoRA safetensors file; returns its path.
+
+    `dst` is the file (`*.safetensors`) or a folder, existing or not, that gets `pytorch_lora_weights.safetensors`.
+    """
+    from spatialalign_jax.params import lora_peft_from_flax
+
+    dst = Path(dst)
+    file = dst if dst.suffix == ".safetensors" else dst / io.LORA_WEIGHTS
+    # A folder that does not exist yet is created atomically along with the file.
+    atomic_target = dst if file.parent == dst and not dst.exists() else file
+    io.check_destination(atomic_target, overwrite=overwrite)
+    cfg, _, lora_cfg, lora = _load(src)
+    if lora_cfg is None:
+        raise ValueError(f"{src} holds no LoRA weights; use --merge to export the base model as a diffusers folder")
+    peft = lora_peft_from_flax(cfg, lora_cfg, lora)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft})
+    metadata = peft_adapter_config(lora_cfg, modules)
+    layers = {k: _to_torch(np.asarray(v, np.float32)) for k, v in peft.items()}
+    with io.atomic_output(atomic_target, overwrite=overwrite) as tmp:
+        if atomic_target == dst and file != dst:
+            tmp.mkdir()
+            _save_lora_file(tmp / file.name, layers, metadata)
+        else:
+            _save_lora_file(tmp, layers, metadata)
+    log.info("wrote LoRA %s: %d modules, rank %d, alpha %g", file, len(modules), lora_cfg.rank, lora_cfg.alpha)
+    return file
+
+
+def merge_lora(sd: Mapping[str, np.ndarray], lora_peft: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """W + scale * B @ A for every LoRA module, computed in fp32 and stored in W's dtype."""
+    out = dict(sd)
+    for key in lora_peft:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        a = np.asarray(lora_peft[key], np.float32)
+        b = np.asarray(lora_peft[f"{module}.lora_B.weight"], np.float32)
+        w = sd[f"{module}.weight"]
+        out[f"{module}.weight"] = (np.asarray(w, np.float32) + np.float32(scale) * (b @ a)).astype(w.dtype)
+    return out
+
+
+def write_diffusers_folder(folder: Path, config: Mapping[str, Any], sd: Mapping[str, np.ndarray],
+                           *, max_shard_size: int | str = "10GB") -> None:
+    """config.json + safetensors in the file layout of diffusers' `save_pretrained`."""
+    import diffusers
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tensors = {k: _to_torch(v) for k, v in sd.items()}
+    config = {**config, "_diffusers_version": diffusers.__version__}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                               filename_pattern=WEIGHTS_NAME_PATTERN)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n].contiguous() for n in names}, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
+                  max_shard_size: int | str = "10GB") -> Path:
+    """Writes a full diffusers `WanTransformer3DModel` folder with the LoRA folded into the weights."""
+    from spatialalign_jax.params import diffusers_from_flax, lora_peft_from_flax
+
+    dst = io.check_destination(dst, overwrite=overwrite)
+    cfg, base, lora_cfg, lora = _load(src)
+    if not base:
+        raise ValueError(f"{src} holds LoRA weights only, nothing to merge them into; convert it together "
+                         "with its base model (`python -m converters.to_flax --src BASE --lora ...`)")
+    sd = diffusers_from_flax(cfg, base)
+    if lora_cfg is not None:
+        sd = merge_lora(sd, lora_peft_from_flax(cfg, lora_cfg, lora), lora_cfg.scale)
+    else:
+        log.info("%s has no LoRA: writing the base model as is", src)
+    with io.atomic_output(dst, overwrite=overwrite) as tmp:
+        write_diffusers_folder(tmp, cfg.to_diffusers(), sd, max_shard_size=max_shard_size)
+    log.info("wrote merged WanTransformer3DModel folder %s", dst)
+    return dst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m converters.to_diffusers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="converted checkpoint folder (from converters.to_flax or training)")
+    p.add_argument("--dst", required=True, help="LoRA .safetensors path or folder; with --merge, a model folder")
+    p.add_argument("--merge", action="store_true", help="write a full WanTransformer3DModel with the LoRA folded in")
+    p.add_argument("--max-shard-size", default="10GB", help="with --merge: largest safetensors shard (default 10GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.merge:
+            export_merged(args.src, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        else:
+            export_lora(args.src, args.dst, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"to_diffusers: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

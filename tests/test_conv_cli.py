@@ -1,0 +1,317 @@
+"""The converter CLIs end to end: tiny random diffusers models and PEFT LoRAs on disk, converted with
+`python -m converters.to_flax` / `to_diffusers` (their `main`), loaded with the user's loaders.
+
+Forward parity tolerance (fp32): max |jax - torch| <= 1e-4 * max |torch|.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters import io, layouts, to_diffusers, to_flax
+from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, inputs, save_diffusers_lora,
+                       state_dict_numpy, tiny_transformer, torch_forward, write_json)
+
+RTOL = 1e-4
+
+
+def _rel_err(got, want) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def _flax_forward(ckpt, x, t, ctx, use_lora=True):
+    from spatialalign_jax import load_transformer
+
+    return np.asarray(load_transformer(ckpt)(x, t, ctx, use_lora=use_lora))
+
+
+def _read(ckpt):
+    from spatialalign_jax.checkpoint import read_checkpoint
+
+    return read_checkpoint(ckpt)
+
+
+def _assert_same_arrays(got, want):
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
+
+
+def _no_leftovers(folder, keep=()):
+    left = sorted(p.name for p in folder.iterdir() if p.name not in keep)
+    assert left == [], f"partial output left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Base model folder, a PEFT LoRA (r=4, alpha=8, B non-zero) and its reference outputs."""
+    root = tmp_path_factory.mktemp("conv")
+    base = tiny_transformer(seed=0)
+    base.save_pretrained(root / "base")
+    x, t, ctx = inputs()
+    ref_base = torch_forward(base, x, t, ctx)
+    lora_cfg = add_random_lora(base, rank=4, alpha=8.0)
+    lora_file = save_diffusers_lora(base, lora_cfg, root / "lora")
+    ref_lora = torch_forward(base, x, t, ctx)
+    assert _rel_err(ref_lora, ref_base) > 1e-2  # the LoRA really changes the output
+    assert to_flax.main(["--src", str(root / "base"), "--dst", str(root / "ckpt"), "--lora", str(lora_file)]) == 0
+    return dict(root=root, base_sd=state_dict_numpy(tiny_transformer(seed=0)), lora_file=lora_file,
+                lora_sd={k.removeprefix("transformer."): v.numpy() for k, v in load_file(lora_file).items()},
+                x=x, t=t, ctx=ctx, ref_base=ref_base, ref_lora=ref_lora, ckpt=root / "ckpt")
+
+
+def test_peft_lora_forward_equals_diffusers(work):
+    meta, _, _ = _read(work["ckpt"])
+    assert meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8.0
+    args = (work["x"], work["t"], work["ctx"])
+    assert _rel_err(_flax_forward(work["ckpt"], *args), work["ref_lora"]) <= RTOL
+    assert _rel_err(_flax_forward(work["ckpt"], *args, use_lora=False), work["ref_base"]) <= RTOL
+
+
+def test_export_round_trip(work, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    _assert_same_arrays({k: v.numpy() for k, v in load_file(out).items()}, load_file(work["lora_file"]))
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        md = json.loads(f.metadata()[io.LORA_METADATA_KEY])
+    assert md["transformer.lora_alpha"] == 8 and md["transformer.r"] == 4
+
+    model = WanTransformer3DModel.from_pretrained(work["root"] / "base")
+    model.load_lora_adapter(str(out), prefix="transformer", use_safetensors=True)
+    assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
+
+    # Back into Flax from the exported file: the same checkpoint.
+    assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "again"), "--lora", str(out)]) == 0
+    _, base1, lora1 = _read(work["ckpt"])
+    _, base2, lora2 = _read(tmp_path / "again")
+    _assert_same_arrays(lora2, lora1)
+    _assert_same_arrays(base2, base1)
+
+
+@pytest.mark.parametrize("shard", [None, "30KB"])
+def test_merge_equals_unmerged(work, tmp_path, shard):
+    from diffusers import WanTransformer3DModel
+
+    argv = ["--src", str(work["ckpt"]), "--dst", str(tmp_path / "merged"), "--merge"]
+    assert to_diffusers.main(argv + (["--max-shard-size", shard] if shard else [])) == 0
+    assert (tmp_path / "merged" / to_diffusers.WEIGHTS_INDEX_NAME).exists() == bool(shard)
+    merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged")
+    assert _rel_err(torch_forward(merged, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-5
+
+
+def _original_lora_names(sd, factors=("lora_A", "lora_B"), adapter=""):
+    out = {}
+    for k, v in sd.items():
+        module, factor = k.rsplit(".lora_", 1)
+        factor = factors[0] if factor.startswith("A") else factors[1]
+        out[f"{layouts.diffusers_to_original_name(module)}.{factor}{adapter}.weight"] = torch.from_numpy(v)
+    return out
+
+
+def test_diffsynth_and_original_lora_layouts_give_the_same_model(work, tmp_path):
+    _, _, want = _read(work["ckpt"])
+    diffsynth = _original_lora_names(work["lora_sd"], adapter=".default")
+    save_file(diffsynth, tmp_path / "diffsynth.safetensors")
+    kohya = {f"diffusion_model.{k}": v for k, v in _original_lora_names(work["lora_sd"], ("lora_down", "lora_up")).items()}
+    kohya.update({k.replace(".lora_down.weight", ".alpha"): torch.tensor(8.0) for k in list(kohya) if "lora_down" in k})
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    cases = {"diffsynth": ["--lora", str(tmp_path / "diffsynth.safetensors"), "--lora-alpha", "8"],
+             "kohya": ["--lora", str(tmp_path / "kohya.safetensors")]}
+    for name, extra in cases.items():
+        assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / name)] + extra) == 0
+        meta, _, got = _read(tmp_path / name)
+        assert (meta["lora"]["rank"], meta["lora"]["alpha"]) == (4, 8.0), name
+        _assert_same_arrays(got, want)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
+def test_pickled_lora(work, tmp_path, suffix):
+    _, _, want = _read(work["ckpt"])
+    torch.save({"state_dict": {f"transformer.{k}": torch.from_numpy(v) for k, v in work["lora_sd"].items()}},
+               tmp_path / f"lora{suffix}")
+    argv = ["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "ck"), "--lora", str(tmp_path / f"lora{suffix}"),
+            "--lora-alpha", "8"]
+    assert to_flax.main(argv) == 0
+    _assert_same_arrays(_read(tmp_path / "ck")[2], want)
+
+
+def test_original_layout_base_gives_the_same_model(work, tmp_path):
+    _, want, _ = _read(work["ckpt"])
+    original = {k: torch.from_numpy(v) for k, v in layouts.diffusers_to_original(work["base_sd"]).items()}
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    save_file(original, folder / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "config.json", TINY_ORIGINAL_CONFIG)
+    torch.save({f"model.diffusion_model.{k}": v for k, v in original.items()}, tmp_path / "wan.pth")
+    for name, argv in {"folder": ["--src", str(folder)],
+                       "pth": ["--src", str(tmp_path / "wan.pth"), "--config", str(folder / "config.json")]}.items():
+        assert to_flax.main(argv + ["--dst", str(tmp_path / f"ck_{name}")]) == 0
+        meta, got, _ = _read(tmp_path / f"ck_{name}")
+        assert meta["lora"] is None
+        _assert_same_arrays(got, want)
+
+
+def test_bfloat16_storage(work, tmp_path):
+    assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    _, base, _ = _read(tmp_path / "bf16")
+    assert str(base["blocks.attn1.to_q.kernel"].dtype) == "bfloat16"
+    # diffusers keeps these in fp32 whatever the model dtype; so does the checkpoint.
+    assert str(base["scale_shift_table"].dtype) == "float32"
+    _, want, _ = _read(work["ckpt"])
+    k = "blocks.attn1.to_q.kernel"
+    np.testing.assert_allclose(base[k].astype(np.float32), want[k], rtol=2 ** -8)
+
+
+def test_exported_lora_loads_unchanged_in_wan_pipeline(tmp_path):
+    """`WanPipeline.load_lora_weights` on our export, in a tiny pipeline saved and loaded from disk."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    words = ["a", "cat", "left", "of", "dog", "the"]
+    tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+                            + [("\u2581" + w, -float(i + 1)) for i, w in enumerate(words)], extra_ids=0)
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TINY_CONFIG["text_dim"], d_kv=8,
+                                               d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = tiny_transformer(seed=3, out_channels=4)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer)
+    pipe.save_pretrained(tmp_path / "pipe")
+
+    peft_model = tiny_transformer(seed=3, out_channels=4)
+    lora_cfg = add_random_lora(peft_model, rank=4, alpha=8.0, seed=5)
+    lora_file = save_diffusers_lora(peft_model, lora_cfg, tmp_path / "lora")
+    x, t, ctx = inputs()
+    ref = torch_forward(peft_model, x, t, ctx)
+
+    # The pipeline folder goes in as SRC: its transformer/ is converted.
+    assert to_flax.main(["--src", str(tmp_path / "pipe"), "--dst", str(tmp_path / "ck"), "--lora", str(lora_file)]) == 0
+    assert _rel_err(_flax_forward(tmp_path / "ck", x, t, ctx), ref) <= RTOL
+    assert to_diffusers.main(["--src", str(tmp_path / "ck"), "--dst", str(tmp_path / "export.safetensors")]) == 0
+
+    pipe = WanPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.load_lora_weights(str(tmp_path / "export.safetensors"))
+    assert _rel_err(torch_forward(pipe.transformer, x, t, ctx), ref) <= 1e-6
+    video = pipe("a cat left of the dog", height=16, width=16, num_frames=5, num_inference_steps=2,
+                 max_sequence_length=8, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 16, 16, 3) and np.isfinite(video).all()
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def _write_folder(folder, sd, config=None):
+    folder.mkdir()
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+              folder / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "config.json", config or {"_class_name": "WanTransformer3DModel", **TINY_CONFIG})
+
+
+def _fails(capsys, tmp_path, argv, *patterns, cli=to_flax):
+    dst = tmp_path / "dst"
+    assert cli.main(argv + ["--dst", str(dst)]) == 1
+    err = capsys.readouterr().err
+    for p in patterns:
+        assert p in err, f"{p!r} not in: {err}"
+    assert not dst.exists()
+    return err
+
+
+def test_bad_inputs_give_their_message(work, tmp_path, capsys):
+    base, sd = str(work["root"] / "base"), work["base_sd"]
+    z = np.zeros((4, 24), np.float32)
+
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "missing")], "missing", "does not exist")
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "nolora.safetensors")],
+           "LoRA file", "nolora.safetensors", "does not exist")
+
+    _write_folder(tmp_path / "extra", {**sd, "blocks.0.attn1.to_z.weight": z})
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "extra")], "unexpected key", "blocks.0.attn1.to_z.weight")
+
+    _write_folder(tmp_path / "lacking", {k: v for k, v in sd.items() if k != "blocks.1.attn2.to_v.bias"})
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "lacking")], "missing key", "blocks.1.attn2.to_v.bias")
+
+    _write_folder(tmp_path / "shape", sd, {**TINY_CONFIG, "ffn_dim": 48})
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "shape")], "shape mismatch", "ffn.net.0.proj")
+
+    _write_folder(tmp_path / "i2v", sd, {**TINY_CONFIG, "image_dim": 1280, "added_kv_proj_dim": 24})
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "i2v")], "image_dim")
+
+    orig = tmp_path / "orig_i2v"
+    orig.mkdir()
+    save_file({k: torch.from_numpy(v) for k, v in layouts.diffusers_to_original(sd).items()},
+              orig / "model.safetensors")
+    write_json(orig / "config.json", {**TINY_ORIGINAL_CONFIG, "model_type": "i2v"})
+    _fails(capsys, tmp_path, ["--src", str(orig)], "model_type='i2v'", "text-to-video")
+
+    save_file({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bare.safetensors")
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "bare.safetensors")], "cannot infer", "config.json")
+
+    model = tiny_transformer()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shard = sorted((tmp_path / "sharded").glob("*-of-*.safetensors"))[-1]
+    shard.unlink()
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "sharded")], shard.name, "missing")
+
+    save_file({"lora_unet_blocks_0_cross_attn_k.lora_down.weight": torch.zeros(4, 24)}, tmp_path / "musubi.safetensors")
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "musubi.safetensors")],
+           "unknown LoRA layout", "lora_unet_blocks_0_cross_attn_k.lora_down.weight", "Accepted layouts")
+
+    save_file({"transformer.blocks.7.attn2.to_k.lora_A.weight": torch.zeros(4, 24),
+               "transformer.blocks.7.attn2.to_k.lora_B.weight": torch.zeros(24, 4)}, tmp_path / "deep.safetensors")
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "deep.safetensors")],
+           "blocks the model does not have", "blocks.7.attn2.to_k")
+
+    save_file({"transformer.patch_embedding.lora_A.weight": torch.zeros(4, 16),
+               "transformer.patch_embedding.lora_B.weight": torch.zeros(24, 4)}, tmp_path / "conv.safetensors")
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "conv.safetensors")], "patch_embedding",
+           "not a linear layer")
+
+    # An existing destination is kept unless --overwrite.
+    (tmp_path / "dst").mkdir()
+    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "dst")]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "dst").is_dir()
+    (tmp_path / "dst").rmdir()
+
+    # to_diffusers: missing checkpoint, a checkpoint without LoRA.
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "nock")], "not a converted checkpoint", cli=to_diffusers)
+    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "nolora_ck")]) == 0
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "nolora_ck")], "holds no LoRA", "--merge", cli=to_diffusers)
+
+
+def test_failed_conversion_leaves_nothing(work, tmp_path, monkeypatch):
+    from spatialalign_jax import checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(dst, *args, **kwargs):
+        real_save(dst, *args, **kwargs)  # a complete write ...
+        raise OSError("disk full")  # ... and then the failure
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        to_flax.convert(work["root"] / "base", out / "ck", lora=work["lora_file"])
+    _no_leftovers(out)
+
+    def write_half(folder, config, sd, **kw):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # Ctrl-C halfway through the write
+
+    monkeypatch.setattr(to_diffusers, "write_diffusers_folder", write_half)
+    with pytest.raises(KeyboardInterrupt):
+        to_diffusers.export_merged(work["ckpt"], out / "merged")
+    _no_leftovers(out)
