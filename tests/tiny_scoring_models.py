@@ -178,3 +178,44 @@ def wan_vae(folder: str | Path, z_dim: int = 4) -> Path:
     ).eval()
     vae.save_pretrained(folder)
     return folder
+
+
+def dinov2(folder: str | Path) -> Path:
+    """A one-layer DINOv2 (hidden 32, patch 14)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56)
+    Dinov2Model(config).eval().save_pretrained(folder)
+    return folder
+
+
+def clip(folder: str | Path, image_size: int = 32) -> Path:
+    """A one-layer CLIP (ViT, patch 8 at ``image_size``) with a character-level BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz.,'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            image_size=image_size, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(folder)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
