@@ -315,3 +315,26 @@ def test_failed_conversion_leaves_nothing(work, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         to_diffusers.export_merged(work["ckpt"], out / "merged")
     _no_leftovers(out)
+
+
+def test_lora_on_every_linear_and_some_blocks_only(work, tmp_path):
+    """A LoRA as found in the wild: every attention/FFN/embedding linear, plus FFN LoRA on block 1 only."""
+    linears = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+               "attn2.to_out.0"]
+    targets = [f"blocks.{i}.{m}" for i in range(TINY_CONFIG["num_layers"]) for m in linears]
+    targets += ["blocks.1.ffn.net.0.proj", "blocks.1.ffn.net.2", "condition_embedder.time_embedder.linear_1",
+                "condition_embedder.time_embedder.linear_2", "condition_embedder.time_proj",
+                "condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_2", "proj_out"]
+    model = tiny_transformer(seed=0)
+    lora_cfg = add_random_lora(model, rank=3, alpha=5.0, targets=targets, seed=7)
+    lora_file = save_diffusers_lora(model, lora_cfg, tmp_path / "lora")
+    ref = torch_forward(model, work["x"], work["t"], work["ctx"])
+    assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "ck"), "--lora", str(lora_file)]) == 0
+    assert _rel_err(_flax_forward(tmp_path / "ck", work["x"], work["t"], work["ctx"]), ref) <= RTOL
+    # Exported again, the blocks the LoRA left out carry zero factors: the same model in diffusers.
+    from diffusers import WanTransformer3DModel
+
+    assert to_diffusers.main(["--src", str(tmp_path / "ck"), "--dst", str(tmp_path / "out.safetensors")]) == 0
+    again = WanTransformer3DModel.from_pretrained(work["root"] / "base")
+    again.load_lora_adapter(str(tmp_path / "out.safetensors"), prefix="transformer", use_safetensors=True)
+    assert _rel_err(torch_forward(again, work["x"], work["t"], work["ctx"]), ref) <= 1e-6
