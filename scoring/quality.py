@@ -109,6 +109,8 @@ class IdConsistency:
         crops = [c for c in (crop_box(f, b) for f, b in zip(frames, animal_boxes)) if c is not None]
         return subject_consistency(self.features(crops))
 
+    __call__ = score
+
 
 class ClipIqa:
     """CLIP-IQA with an antonym prompt pair (default "natural") through transformers' ``CLIPModel``."""
@@ -168,3 +170,5 @@ class ClipIqa:
     def score(self, frames: np.ndarray) -> float:
         """The video's CLIP-IQA: the mean of its frames' scores."""
         return float(np.mean(self.frame_scores(frames)))
+
+    __call__ = score
