@@ -157,3 +157,37 @@ def test_invalid_video_is_not_tracked(s, status):
 def _kinds(s: str) -> list[FrameKind]:
     names = {"V": FrameKind.VALID, "R": FrameKind.REDUNDANT, "M": FrameKind.MISSING}
     return [names[c] for c in s]
+
+
+def test_boxes_for_video_with_the_real_tiny_sam2_tracker(tmp_path):
+    """The pipeline with transformers' SAM 2 (tiny, random, loaded from disk) behind the fake
+    detector: the seed is the first run of 4, every frame gets a box row from forward or backward
+    propagation, and the result feeds the DSR-Score. (The CLI end-to-end test cannot reach the
+    tracker: random Grounding DINO weights never detect a valid pair.)"""
+    from scoring.dsr import dsr_score
+    from scoring.track import TransformersSam2Tracker
+    from tests import tiny_scoring_models as tiny
+
+    tracker = TransformersSam2Tracker(tiny.sam2_video(tmp_path / "sam2"), device="cpu")
+    seen = []
+    original = tracker.track
+
+    def spy(frames, start_frame, boxes):
+        seen.append(start_frame)
+        return original(frames, start_frame, boxes)
+
+    tracker.track = spy
+    s = "MMVVVM" + "V" * 20 + "M" * 4
+    frames = np.random.default_rng(0).integers(0, 256, size=(len(s), 96, 128, 3), dtype=np.uint8)
+    animal, obj, status = boxes_for_video(frames, ANIMAL, OBJ, FakeDetector(s), tracker)
+    assert status is Status.VALID and seen == [6]
+    assert animal.shape == obj.shape == (len(s), 4) and animal.dtype == np.float32
+    for boxes in (animal, obj):
+        found = np.isfinite(boxes).all(axis=1)
+        assert found.sum() >= 20, "random SAM 2 weights give non-empty masks on most frames"
+        assert np.isnan(boxes[~found]).all()  # a box row is all numbers or all NaN
+        ok = boxes[found]
+        assert (ok[:, 0] <= ok[:, 2]).all() and (ok[:, 1] <= ok[:, 3]).all()
+        assert ok.min() >= 0 and (ok[:, [0, 2]] < 128).all() and (ok[:, [1, 3]] < 96).all()
+    score = dsr_score(animal, obj, "LR")
+    assert np.isnan(score) or 0.0 <= score <= 1.0
