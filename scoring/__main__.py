@@ -82,10 +82,19 @@ def _load_detector_tracker(args: argparse.Namespace, device, dtype):
     return detector, tracker
 
 
-def _load_decoder(vae_dir: str, device, dtype) -> Callable[[np.ndarray], np.ndarray]:
+def _load_decoder(vae_dir: str, store: Store, device, dtype) -> Callable[[np.ndarray], np.ndarray]:
+    """The VAE's decode, after checking that it fits the store (else every sample would fail alike)."""
     from scoring.vae import WanVaeDecoder
 
-    return WanVaeDecoder(vae_dir, device=device, dtype=dtype).decode
+    vae = WanVaeDecoder(vae_dir, device=device, dtype=dtype)
+    channels, latent_frames = store.latent_shape[:2]
+    if vae.vae.config.z_dim != channels or vae.num_frames(latent_frames) != store.num_frames:
+        raise CliError(
+            f"--vae {vae_dir!r} decodes {vae.vae.config.z_dim}-channel latents, {latent_frames} latent frames -> "
+            f"{vae.num_frames(latent_frames)} frames; store {str(store.path)!r} has latents {list(store.latent_shape)} "
+            f"and expects {store.num_frames} frames"
+        )
+    return vae.decode
 
 
 def _load_quality(args: argparse.Namespace, device, dtype) -> dict[str, Callable]:
@@ -93,11 +102,12 @@ def _load_quality(args: argparse.Namespace, device, dtype) -> dict[str, Callable
 
     metrics: dict[str, Callable] = {}
     if args.dinov2:
-        scorer = quality.IdConsistency(args.dinov2, device=device, dtype=dtype)
-        metrics["id_consistency"] = lambda frames, boxes: scorer(frames, boxes)
+        id_consistency = quality.IdConsistency(args.dinov2, device=device, dtype=dtype)
+        # A video without boxes (not scored, or invalid) has no animal crops: NaN, left out of the mean.
+        metrics["id_consistency"] = lambda frames, boxes: float("nan") if boxes is None else id_consistency(frames, boxes)
     if args.clip:
-        scorer_iqa = quality.ClipIqa(args.clip, device=device, dtype=dtype)
-        metrics["clip_iqa_natural"] = lambda frames, boxes: scorer_iqa(frames)
+        clip_iqa = quality.ClipIqa(args.clip, device=device, dtype=dtype)
+        metrics["clip_iqa_natural"] = lambda frames, boxes: clip_iqa(frames)
     return metrics
 
 
@@ -191,7 +201,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         _check_model_path(args.vae, "--vae")
         _check_score_models(args)
         device, dtype = _device_and_dtype(args)
-        decode = _load_decoder(args.vae, device, dtype)
+        decode = _load_decoder(args.vae, store, device, dtype)
         detector, tracker = _load_detector_tracker(args, device, dtype)
         summary = score_store(store, detector, tracker, decode, shard=shard, retry_failed=args.retry_failed,
                               mp4_dir=args.mp4_dir, plots_dir=args.plots, progress=not args.no_progress)
@@ -234,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             elif args.vae:
                 _check_model_path(args.vae, "--vae")
                 device, dtype = _device_and_dtype(args)
-                decode = _load_decoder(args.vae, device, dtype)
+                decode = _load_decoder(args.vae, store, device, dtype)
 
                 def frames_for(p: int, s: int):
                     return lambda: decode(store.read_latents(p, s)[0])

@@ -30,6 +30,8 @@ def models(tmp_path_factory):
         "vae": tiny.wan_vae(root / "vae"),
         "gdino": tiny.grounding_dino(root / "gdino"),
         "sam2": tiny.sam2_video(root / "sam2"),
+        "dinov2": tiny.dinov2(root / "dinov2"),
+        "clip": tiny.clip(root / "clip"),
     }
 
 
@@ -64,9 +66,23 @@ def test_cli_end_to_end_with_tiny_models(models, tmp_path, capsys):
     assert "scored 0 videos" in capsys.readouterr().out
 
     out = tmp_path / "report"
-    assert main(["evaluate", "--store", str(store), "--out", str(out), *cpu]) == 0
+    assert main(["evaluate", "--store", str(store), "--out", str(out), "--dinov2", str(models["dinov2"]),
+                 "--clip", str(models["clip"]), "--mp4-dir", str(mp4), *cpu]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["dsr"]["num_samples"] == 2 and report["dsr"]["num_unscored"] == 0
+    q = report["quality"]
+    # Invalid videos have no animal boxes, hence no ID consistency; CLIP-IQA scores every video.
+    assert q["errors"] == 0 and q["id_consistency"]["num_samples"] == 0
+    assert q["clip_iqa_natural"]["num_samples"] == 2 and 0.0 < q["clip_iqa_natural"]["mean"] < 1.0
+
+    # A VAE that does not fit the store's latents is refused before anything is scored.
+    from spatialalign_jax.store import create_store
+
+    wrong = create_store(tmp_path / "wrong", [dict(r, split="test") for r in st.prompts], samples_per_prompt=1,
+                         latent_shape=(5, 6, 8, 8), num_frames=21, text_dim=8)
+    assert main(["score", "--store", str(wrong.path), "--vae", str(models["vae"]), "--detector",
+                 str(models["gdino"]), "--tracker", str(models["sam2"]), *cpu]) == 2
+    assert "decodes 4-channel latents" in capsys.readouterr().err
 
     # The same videos as a folder of mp4 files.
     res = tmp_path / "res"
@@ -87,14 +103,14 @@ def test_real_sam2_tracker_behind_the_fake_detector(models, tmp_path):
 
     rows = [{"type": "LT", "prompt_id": "v_LT", "scene": "s", "initial_SR": "a", "final_SR": "b",
              "animal": "cat", "object": "box", "prompt": "p", "split": "test"}]
-    write_video(tmp_path / "v" / "v_LT_0.mp4", render(*trajectory("LT", 24)))
+    write_video(tmp_path / "v" / "v_LT_0.mp4", render(*trajectory("LT", 20)))
     tracker = make_tracker("transformers", models["sam2"], device="cpu")
-    summary = score_video_dir(tmp_path / "v", rows, tmp_path / "o", ColorDetector(), tracker, num_frames=24,
+    summary = score_video_dir(tmp_path / "v", rows, tmp_path / "o", ColorDetector(), tracker, num_frames=20,
                               progress=False)
     rec = json.loads((tmp_path / "o" / "scores" / "v_LT_0.json").read_text())
     assert sum(summary.scored.values()) == 1
     # Random weights give arbitrary masks: either enough tracked frames (a DSR in [0, 1]) or too few.
     assert rec["status_name"] in ("VALID", "TOO_FEW_TRACKED_FRAMES"), rec["error"]
-    assert len(rec["boxes_animal"]) == 24
+    assert len(rec["boxes_animal"]) == 20
     if rec["status_name"] == "VALID":
         assert 0.0 <= rec["dsr"] <= 1.0
