@@ -215,10 +215,14 @@ def make_tracker(
     model_dir: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    **backend_options,
 ) -> Tracker:
-    """A tracker of ``backend`` ("transformers" or "sam2") loaded from ``model_dir``."""
+    """A tracker of ``backend`` ("transformers" or "sam2") loaded from ``model_dir``.
+
+    ``backend_options`` go to the backend's constructor (for "sam2": ``config``, ``hydra_overrides``).
+    """
     if backend == "transformers":
-        return TransformersSam2Tracker(model_dir, device=device, dtype=dtype)
+        return TransformersSam2Tracker(model_dir, device=device, dtype=dtype, **backend_options)
     if backend == "sam2":
-        return Sam2PackageTracker(model_dir, device=device, dtype=dtype)
+        return Sam2PackageTracker(model_dir, device=device, dtype=dtype, **backend_options)
     raise ValueError(f"unknown tracker backend {backend!r}; choose one of {BACKENDS}")

@@ -118,7 +118,8 @@ def test_sam2_package_backend_matches_its_own_api(frames, tmp_path):
 
     checkpoint = tiny.sam2_package_checkpoint(tmp_path / "ckpt")
     kwargs = dict(config=tiny.SAM2_PACKAGE_CONFIG, hydra_overrides=tiny.SAM2_PACKAGE_OVERRIDES)
-    tracker = Sam2PackageTracker(checkpoint.parent, device="cpu", **kwargs)
+    tracker = make_tracker("sam2", checkpoint.parent, device="cpu", **kwargs)
+    assert isinstance(tracker, Sam2PackageTracker)
     start = 2
     got = tracker.track(frames, start, SEEDS)
 
