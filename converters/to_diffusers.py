@@ -113,21 +113,28 @@ def merge_lora(sd: Mapping[str, np.ndarray], lora_peft: Mapping[str, np.ndarray]
     return out
 
 
-def write_diffusers_folder(folder: Path, config: Mapping[str, Any], sd: Mapping[str, np.ndarray],
+def write_diffusers_folder(folder: Path, config: Mapping[str, Any], sd: dict[str, np.ndarray],
                            *, max_shard_size: int | str = "10GB") -> None:
-    """config.json + safetensors in the file layout of diffusers' `save_pretrained`."""
+    """config.json + safetensors in the file layout of diffusers' `save_pretrained`.
+
+    Empties `sd` while writing: each shard's arrays are released once written, so the peak stays near
+    one model plus one shard.
+    """
     import diffusers
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    tensors = {k: _to_torch(v) for k, v in sd.items()}
+    tensors = {k: _to_torch(v) for k, v in sd.items()}  # views of the same memory
+    sd.clear()
     config = {**config, "_diffusers_version": diffusers.__version__}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
                                                filename_pattern=WEIGHTS_NAME_PATTERN)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n].contiguous() for n in names}, folder / filename, metadata={"format": "pt"})
+        for n in names:
+            del tensors[n]
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -144,6 +151,7 @@ def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
         raise ValueError(f"{src} holds LoRA weights only, nothing to merge them into; convert it together "
                          "with its base model (`python -m converters.to_flax --src BASE --lora ...`)")
     sd = diffusers_from_flax(cfg, base)
+    del base  # a full model's worth of memory
     if lora_cfg is not None:
         sd = merge_lora(sd, lora_peft_from_flax(cfg, lora_cfg, lora), lora_cfg.scale)
     else:

@@ -42,7 +42,7 @@ def _cast_base(cfg, flat: Mapping[str, np.ndarray], dtype: str | None) -> dict[s
     target = jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, param_dtype=target, rngs=nnx.Rngs(0)))
     model_dtypes = {".".join(map(str, p)): v.dtype for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-    return {k: np.asarray(v).astype(model_dtypes.get(k, target)) for k, v in flat.items()}
+    return {k: np.asarray(v).astype(model_dtypes.get(k, target), copy=False) for k, v in flat.items()}
 
 
 def _model_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -55,8 +55,12 @@ def _model_targets(targets: Sequence[str]) -> tuple[str, ...]:
     return tuple(re.sub(r"\.(\d+)(?=\.|$)", lambda m: "." + "".join(f"[{c}]" for c in m[1]), t) for t in targets)
 
 
-def prepare_lora(cfg, base_sd: Mapping[str, np.ndarray], lora: layouts.CanonicalLora):
-    """CanonicalLora -> (LoraConfig, Flax flat LoRA params) for the model described by `cfg`."""
+def prepare_lora(cfg, base_shapes: Mapping[str, tuple[int, ...]], lora: layouts.CanonicalLora):
+    """CanonicalLora -> (LoraConfig, Flax flat LoRA params) for the model described by `cfg`.
+
+    `base_shapes`: diffusers name -> shape of the base weights, to size the zero factors of blocks the
+    LoRA leaves out and to refuse targets that are not linear layers.
+    """
     from spatialalign_jax.config import LoraConfig
     from spatialalign_jax.params import lora_flax_from_peft
 
@@ -69,10 +73,10 @@ def prepare_lora(cfg, base_sd: Mapping[str, np.ndarray], lora: layouts.Canonical
     shapes = {}
     for target in lora.targets:
         weight = target.replace("*", "0", 1) + ".weight"
-        if weight not in base_sd or np.ndim(base_sd[weight]) != 2:
+        if len(base_shapes.get(weight, ())) != 2:
             raise ValueError(f"LoRA targets {target!r}, which is not a linear layer of this model "
                              f"(no 2-D {weight!r} in the base weights)")
-        fan_out, fan_in = base_sd[weight].shape
+        fan_out, fan_in = base_shapes[weight]
         shapes[target] = (fan_in, fan_out)
     lora = layouts.fill_missing_blocks(lora, cfg.num_layers, shapes)
     lora_cfg = LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=_model_targets(lora.targets))
@@ -104,14 +108,18 @@ def convert(
         flat = flax_from_diffusers(cfg, base.state_dict)
     except ValueError as e:
         raise ValueError(f"{base.source}: {e}") from None
-    if dtype is None and base.dtype not in DTYPES:
-        log.info("source dtype %s is not one the model runs in: storing float32", base.dtype)
+    # The stacked copy is all that is needed from here: free the per-block arrays (a full model's worth).
+    base_shapes = {k: tuple(v.shape) for k, v in base.state_dict.items()}
+    source_dtype = base.dtype
+    del base
+    if dtype is None and source_dtype not in DTYPES:
+        log.info("source dtype %s is not one the model runs in: storing float32", source_dtype)
         dtype = "float32"
     flat = _cast_base(cfg, flat, dtype)
 
     lora_cfg = lora_flat = None
     if lora is not None:
-        lora_cfg, lora_flat = prepare_lora(cfg, base.state_dict, io.read_lora(lora, alpha=lora_alpha))
+        lora_cfg, lora_flat = prepare_lora(cfg, base_shapes, io.read_lora(lora, alpha=lora_alpha))
     elif lora_alpha is not None:
         raise ValueError("--lora-alpha needs --lora")
 
