@@ -81,7 +81,7 @@ def _unwrap_pickle(obj: Any, path: Path) -> dict[str, Any]:
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(
-            f"{path}: entries {layouts._key_error_list(map(str, not_tensors))} are not tensors; expected a state "
+            f"{path}: entries {layouts.format_keys(map(str, not_tensors))} are not tensors; expected a state "
             f"dict, possibly wrapped in one of {list(_PICKLE_WRAPPERS)}"
         )
     return dict(obj)
@@ -115,7 +115,7 @@ def _load_files(files: list[Path]) -> dict[str, np.ndarray]:
         part, _ = load_state_file(f)
         dup = sorted(set(part) & set(sd))
         if dup:
-            raise ValueError(f"{f}: keys {layouts._key_error_list(dup)} also appear in another shard")
+            raise ValueError(f"{f}: keys {layouts.format_keys(dup)} also appear in another shard")
         sd.update(part)
     return sd
 
@@ -191,7 +191,7 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
     if original:
         sd = layouts.original_to_diffusers(sd)
     else:
-        prefix = layouts.strip_prefix(sd, ("transformer.",))
+        prefix = layouts.common_prefix(sd, ("transformer.",))
         sd = {k[len(prefix):]: v for k, v in sd.items()}
 
     if config is None:

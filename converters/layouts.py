@@ -106,7 +106,7 @@ def diffusers_to_original_name(name: str) -> str | None:
     return _rename(name, _TOP_LEVEL_INV, _IN_BLOCK_INV)
 
 
-def strip_prefix(keys: Iterable[str], prefixes: Iterable[str] = KNOWN_PREFIXES) -> str:
+def common_prefix(keys: Iterable[str], prefixes: Iterable[str] = KNOWN_PREFIXES) -> str:
     """The known wrapper prefix that every key carries ('' when none does)."""
     keys = list(keys)
     for p in prefixes:
@@ -118,12 +118,13 @@ def strip_prefix(keys: Iterable[str], prefixes: Iterable[str] = KNOWN_PREFIXES) 
 def _remove_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
     """Drops wrapper prefixes, repeatedly (`model.diffusion_model.` is itself two of them)."""
     out = dict(sd)
-    while (p := strip_prefix(out)):
+    while (p := common_prefix(out)):
         out = {k[len(p):]: v for k, v in out.items()}
     return out
 
 
-def _key_error_list(keys: Iterable[str], n: int = 5) -> str:
+def format_keys(keys: Iterable[str], n: int = 5) -> str:
+    """The first `n` keys, quoted, for error messages ("'a', 'b' (and 3 more)")."""
     keys = sorted(keys)
     more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(repr(k) for k in keys[:n]) + more
@@ -156,7 +157,7 @@ def original_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
             out[new] = value
     if unknown:
         raise ValueError(
-            f"unexpected keys in original-layout Wan checkpoint: {_key_error_list(unknown)}; expected names "
+            f"unexpected keys in original-layout Wan checkpoint: {format_keys(unknown)}; expected names "
             "like 'blocks.0.self_attn.q.weight', 'head.head.weight' (see diffusers' scripts/convert_wan_to_diffusers.py)"
         )
     return out
@@ -172,7 +173,7 @@ def diffusers_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[new] = value
     if unknown:
-        raise ValueError(f"unexpected keys in diffusers Wan state dict: {_key_error_list(unknown)}")
+        raise ValueError(f"unexpected keys in diffusers Wan state dict: {format_keys(unknown)}")
     return out
 
 
@@ -251,7 +252,7 @@ def infer_diffusers_config(sd: Mapping[str, Any]) -> dict[str, Any]:
     image_keys = [k for k in sd if k.startswith("condition_embedder.image_embedder.") or ".add_k_proj." in k]
     if image_keys:
         raise ValueError(
-            f"checkpoint has image-conditioning weights ({_key_error_list(image_keys, 2)}): an image-to-video "
+            f"checkpoint has image-conditioning weights ({format_keys(image_keys, 2)}): an image-to-video "
             "model, which this text-to-video model cannot represent"
         )
     return config
@@ -348,7 +349,7 @@ def normalize_lora(
     if unsupported:
         raise ValueError(
             f"{source} holds LoRA parts this model does not implement (LoRA bias 'lora_B.bias'/'diff_b', full "
-            f"weight diffs '.diff', DoRA): {_key_error_list(unsupported)}; only plain low-rank A/B factors load"
+            f"weight diffs '.diff', DoRA): {format_keys(unsupported)}; only plain low-rank A/B factors load"
         )
     factors: dict[str, dict[str, np.ndarray]] = {}
     key_alphas: dict[str, float] = {}
@@ -364,7 +365,7 @@ def normalize_lora(
     if not_lora or not factors:
         bad = not_lora or list(sd)
         raise ValueError(
-            f"unknown LoRA layout in {source}: keys {_key_error_list(bad)} are not LoRA factors of a Wan "
+            f"unknown LoRA layout in {source}: keys {format_keys(bad)} are not LoRA factors of a Wan "
             "module. Accepted layouts:\n  " + "\n  ".join(ACCEPTED_LORA_LAYOUTS)
         )
 
@@ -378,17 +379,17 @@ def normalize_lora(
         bad_keys = [k for k in sd if k.startswith(tuple(f"{m}." for m in bad))]
         raise ValueError(
             f"unknown LoRA layout in {source}: "
-            + (f"keys {_key_error_list(bad_keys)} are not LoRA factors of Wan2.1 transformer modules" if bad
+            + (f"keys {format_keys(bad_keys)} are not LoRA factors of Wan2.1 transformer modules" if bad
                else "it mixes diffusers and original module names")
             + ". Accepted layouts:\n  " + "\n  ".join(ACCEPTED_LORA_LAYOUTS)
         )
 
     incomplete = [m for m, f in factors.items() if set(f) != {"A", "B"}]
     if incomplete:
-        raise ValueError(f"{source}: LoRA modules without both A (down) and B (up) factors: {_key_error_list(incomplete)}")
+        raise ValueError(f"{source}: LoRA modules without both A (down) and B (up) factors: {format_keys(incomplete)}")
     orphan_alphas = [m for m in key_alphas if m not in factors]
     if orphan_alphas:
-        raise ValueError(f"{source}: '.alpha' keys for modules without LoRA weights: {_key_error_list(orphan_alphas)}")
+        raise ValueError(f"{source}: '.alpha' keys for modules without LoRA weights: {format_keys(orphan_alphas)}")
 
     ranks: dict[str, int] = {}
     for m, f in factors.items():
@@ -412,7 +413,7 @@ def normalize_lora(
         # A module without its own alpha runs at scale 1, as diffusers' converter treats it.
         missing = [m for m in factors if m not in key_alphas]
         if missing:
-            log.info("%s: modules without '.alpha' keys use alpha = rank: %s", source, _key_error_list(missing))
+            log.info("%s: modules without '.alpha' keys use alpha = rank: %s", source, format_keys(missing))
         per_module = {m: key_alphas.get(m, float(ranks[m])) for m in factors}
     elif md_alpha is not None:
         alpha_source = "adapter metadata"

@@ -68,7 +68,7 @@ def prepare_lora(cfg, base_shapes: Mapping[str, tuple[int, ...]], lora: layouts.
     if out_of_range:
         raise ValueError(
             f"LoRA has modules for blocks the model does not have (num_layers={cfg.num_layers}): "
-            f"{layouts._key_error_list(out_of_range)}"
+            f"{layouts.format_keys(out_of_range)}"
         )
     shapes = {}
     for target in lora.targets:
