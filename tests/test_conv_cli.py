@@ -338,3 +338,17 @@ def test_lora_on_every_linear_and_some_blocks_only(work, tmp_path):
     again = WanTransformer3DModel.from_pretrained(work["root"] / "base")
     again.load_lora_adapter(str(tmp_path / "out.safetensors"), prefix="transformer", use_safetensors=True)
     assert _rel_err(torch_forward(again, work["x"], work["t"], work["ctx"]), ref) <= 1e-6
+
+
+def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
+    """Training writes LoRA-only checkpoints: they export as a LoRA file, and --merge says what is missing."""
+    from spatialalign_jax.checkpoint import lora_config_from_meta, save_checkpoint
+    from spatialalign_jax.config import WanConfig
+
+    meta, _, lora = _read(work["ckpt"])
+    save_checkpoint(tmp_path / "lora_only", WanConfig.from_diffusers(meta["config"]), None,
+                    lora_config_from_meta(meta), lora)
+    assert to_diffusers.main(["--src", str(tmp_path / "lora_only"), "--dst", str(tmp_path / "x.safetensors")]) == 0
+    _assert_same_arrays({k: v.numpy() for k, v in load_file(tmp_path / "x.safetensors").items()},
+                        load_file(work["lora_file"]))
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "lora_only"), "--merge"], "LoRA weights only", cli=to_diffusers)
