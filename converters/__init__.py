@@ -1,0 +1,1 @@
+"""Weight converters between diffusers / original Wan checkpoints and the Flax model (SPEC section 7)."""
