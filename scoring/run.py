@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 import traceback
 import zlib
 from collections import Counter
@@ -158,8 +159,6 @@ def score_store(
     progress: bool = True,
 ) -> RunSummary:
     """Score the samples of ``store`` (opened "r+") in ``shard``: decode, detect, track, DSR, write."""
-    import time
-
     if store.mode != "r+":
         raise ValueError(f"score_store needs the store opened with mode='r+', got {store.mode!r}")
     i, n = shard
@@ -311,8 +310,6 @@ def score_video_dir(
     progress: bool = True,
 ) -> RunSummary:
     """Score the mp4 files of ``video_dir`` into ``results_dir/scores/{name}.json``, one file per video."""
-    import time
-
     i, n = shard
     plots_dir = Path(plots_dir) if plots_dir is not None else None
     done = load_video_results(results_dir)

@@ -91,6 +91,12 @@ def test_cli_end_to_end_with_tiny_models(models, tmp_path, capsys):
     recs = [json.loads(p.read_text()) for p in sorted((res / "scores").iterdir())]
     assert [r["prompt_id"] for r in recs] == ["p_LR", "p_TL"]
     assert all(not Status(r["status"]).is_failure and Status(r["status"]) != Status.UNSCORED for r in recs)
+    # evaluate on the folder scores what is left (nothing here) and reports.
+    capsys.readouterr()
+    assert main(["evaluate", "--videos", str(mp4), "--csv", str(csv), "--out", str(res), "--num-frames", "21",
+                 "--detector", str(models["gdino"]), "--tracker", str(models["sam2"]), *cpu]) == 0
+    assert "scored 0 videos" in capsys.readouterr().out
+    assert json.loads((res / "report.json").read_text())["dsr"]["num_samples"] == 2
 
 
 def test_real_sam2_tracker_behind_the_fake_detector(models, tmp_path):
