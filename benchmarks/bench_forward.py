@@ -1,0 +1,114 @@
+"""Forward pass: jitted Flax Wan against diffusers eager, mid-size config, fp32, this machine's CPU.
+
+    python -m benchmarks.bench_forward [--repeats 5] [--sizes 320,1280] [--attention blockwise,xla]
+    python -m benchmarks.bench_forward --full-1.3b     # on a GPU: 1.3B at 480x832x81, bf16, cuDNN
+
+Each framework and size runs in its own process. Peak memory is the forward's own: for diffusers the
+max-RSS growth over the process once the model and inputs exist; for JAX the buffers XLA plans for
+the compiled forward (temporaries + output). Prints a table and writes
+benchmarks/results/forward.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchmarks.common import (BATCH, MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops, matmul_peak_gflops,
+                               peak_rss_mib, run_isolated, timed, write_results)
+
+
+def _inputs(cfg: dict, fhw: tuple[int, int, int], batch: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cfg["in_channels"], *fhw)).astype(np.float32)
+    t = np.array([500.0] * batch, np.float32)
+    ctx = rng.standard_normal((batch, TEXT_LEN, cfg["text_dim"])).astype(np.float32)
+    return x, t, ctx
+
+
+def one_jax(size: str, attention: str, repeats: int, cfg: dict = MID, dtype: str = "float32",
+            fhw: tuple[int, int, int] | None = None, batch: int = BATCH) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from spatialalign_jax.config import WanConfig
+    from spatialalign_jax.model import WanTransformer3DModel
+
+    fhw = fhw or SIZES[size]
+    model = WanTransformer3DModel(WanConfig.from_diffusers(cfg), dtype=dtype, param_dtype=dtype,
+                                  attention=attention, rngs=nnx.Rngs(0))
+    x, t, ctx = (jnp.asarray(a) for a in _inputs(cfg, fhw, batch))
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
+    compiled = fwd.lower(state, x, t, ctx).compile()
+    sec = timed(lambda: fwd(state, x, t, ctx).block_until_ready(), repeats)
+    # XLA plans all buffers ahead: activations (temp) plus the output are the forward's own memory.
+    mem = compiled.memory_analysis()
+    peak = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
+    flops = forward_flops(cfg, batch, fhw, TEXT_LEN)
+    return {"framework": f"jax-{attention}", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
+            "peak_mib": peak, "device": jax.devices()[0].device_kind}
+
+
+def one_torch(size: str, repeats: int) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**MID).eval()
+    x, t, ctx = (torch.from_numpy(a) for a in _inputs(MID, SIZES[size], BATCH))
+    base = peak_rss_mib()  # before any forward: the growth is the forward's activations
+    with torch.no_grad():
+        sec = timed(lambda: model(x, t, ctx), repeats)
+    flops = forward_flops(MID, BATCH, SIZES[size], TEXT_LEN)
+    return {"framework": "diffusers-eager", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
+            "peak_mib": peak_rss_mib() - base, "threads": torch.get_num_threads()}
+
+
+def full_1_3b(repeats: int) -> dict:
+    """Wan2.1-T2V-1.3B at 480x832, 81 frames (latents 21x60x104, 32,760 tokens), bf16, cuDNN, batch 1."""
+    return one_jax("1.3b-480x832x81", "cudnn", repeats, cfg=WAN_1_3B, dtype="bfloat16", fhw=(21, 60, 104), batch=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", default="320,1280")
+    p.add_argument("--attention", default="blockwise,xla")
+    p.add_argument("--full-1.3b", dest="full", action="store_true")
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._one:  # child process: one measurement, one JSON line
+        kind, size = args._one.split(":")
+        r = one_torch(size, args.repeats) if kind == "torch" else (
+            full_1_3b(args.repeats) if kind == "full" else one_jax(size, kind, args.repeats))
+        print(json.dumps(r))
+        return
+
+    rows = []
+    if args.full:
+        rows.append(run_isolated("benchmarks.bench_forward", ["--_one", "full:0", "--repeats", str(args.repeats)]))
+    else:
+        for size in args.sizes.split(","):
+            for kind in ["torch", *args.attention.split(",")]:
+                rows.append(run_isolated("benchmarks.bench_forward",
+                                         ["--_one", f"{kind}:{size}", "--repeats", str(args.repeats)]))
+    peak = matmul_peak_gflops()
+    print(f"fp32 1024x1024 matmul peak on this machine: torch {peak['torch']:.0f} GFLOP/s, "
+          f"jax {peak['jax']:.0f} GFLOP/s")
+    print(f"{'framework':<18}{'tokens':>8}{'ms':>10}{'GFLOP/s':>10}{'peak MiB':>10}")
+    for r in rows:
+        print(f"{r['framework']:<18}{r['size']:>8}{1e3 * r['seconds']:>10.1f}{r['gflops']:>10.1f}{r['peak_mib']:>10.0f}")
+    path = write_results("forward_full_1.3b" if args.full else "forward",
+                         {"config": MID if not args.full else WAN_1_3B, "batch": BATCH, "text_len": TEXT_LEN,
+                          "matmul_peak_gflops": peak, "rows": rows, "python": sys.version.split()[0]})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

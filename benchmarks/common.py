@@ -1,0 +1,89 @@
+"""Shared pieces of the benchmarks: the mid-size config, FLOP counts, peak memory, a matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+# The mid-size config of issue 2's benchmark (diffusers config names).
+MID = dict(num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=256,
+           freq_dim=256, ffn_dim=1536, num_layers=4, rope_max_seq_len=1024)
+# Wan2.1-T2V-1.3B (SPEC section 6).
+WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                freq_dim=256, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024)
+SIZES = {"320": (5, 16, 16), "1280": (5, 32, 32)}
+BATCH, TEXT_LEN = 2, 32
+
+
+def forward_flops(cfg: dict, batch: int, latent_fhw: tuple[int, int, int], text_len: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one Wan forward; elementwise work is left out."""
+    f, h, w = latent_fhw
+    tokens = f * (h // 2) * (w // 2)
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    patch = cfg["in_channels"] * 4
+    per_block = (
+        4 * 2 * tokens * d * d          # self-attention q, k, v, out
+        + 2 * 2 * tokens * tokens * d   # self-attention scores and weighted sum
+        + 2 * 2 * tokens * d * d        # cross-attention q, out
+        + 2 * 2 * text_len * d * d      # cross-attention k, v
+        + 2 * 2 * tokens * text_len * d
+        + 2 * 2 * tokens * d * cfg["ffn_dim"]
+    )
+    outer = (2 * tokens * patch * d + 2 * tokens * d * cfg["out_channels"] * 4
+             + 2 * text_len * (cfg["text_dim"] * d + d * d) + 2 * (cfg["freq_dim"] * d + d * d + 6 * d * d))
+    return float(batch * (cfg["num_layers"] * per_block + outer))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> dict[str, float]:
+    """fp32 n x n matmul throughput of torch and of jitted JAX on this machine."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta = torch.from_numpy(a)
+    ja = jnp.asarray(a)
+    mm = jax.jit(lambda x: x @ x)
+    flops = 2.0 * n**3
+    return {
+        "torch": flops / timed(lambda: torch.mm(ta, ta), repeats) / 1e9,
+        "jax": flops / timed(lambda: mm(ja).block_until_ready(), repeats) / 1e9,
+    }
+
+
+def run_isolated(module: str, args: list[str]) -> dict:
+    """Runs `python -m module args` in a fresh process (its own peak memory) and returns its JSON line."""
+    out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_results(name: str, results: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
