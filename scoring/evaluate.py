@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scoring.dsr import CORRECTNESS_TAUS, correctness_curve
-from scoring.metrics import correctness_table, dsr_report, plot_correctness, write_json_atomic
+from scoring.metrics import correctness_table, dsr_report, plot_correctness, write_json_atomic, write_text_atomic
 from scoring.run import list_videos, load_video_results, record_boxes
 from scoring.video import read_video, video_name
 from spatialalign_jax.store import Status, Store
@@ -151,7 +151,7 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
     table = correctness_table({label: curve})
     print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "correctness.txt").write_text(table + "\n")
+    write_text_atomic(out_dir / "correctness.txt", table + "\n")
     plot_correctness({label: curve}, out_dir / "correctness.png")
     write_json_atomic(out_dir / "report.json", report)
     return report

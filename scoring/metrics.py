@@ -100,19 +100,24 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN -> null) through a temp file and os.replace."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through a temp file and os.replace: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (NaN -> null), atomically."""
+    write_text_atomic(path, json.dumps(_json_safe(obj), indent=1, allow_nan=False))
 
 
 def dsr_report(dsr: Sequence[float] | np.ndarray, status: Sequence[int] | np.ndarray,

@@ -133,7 +133,8 @@ def _inspection_outputs(frames: np.ndarray | None, result: ItemResult, dsr_type:
         if plots_dir is not None and result.boxes_animal is not None:
             from scoring.plots import plot_ssr_curves
 
-            plot_ssr_curves(result.boxes_animal, result.boxes_object, dsr_type, plots_dir / f"{name}.png", title=name)
+            title = name if result.status == Status.VALID else f"{name} [{result.status.name}]"
+            plot_ssr_curves(result.boxes_animal, result.boxes_object, dsr_type, plots_dir / f"{name}.png", title=title)
     except Exception as e:
         log.warning("%s: could not write the inspection mp4/plot: %s", name, e)
 
