@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,16 +44,6 @@ def _cast_base(cfg, flat: Mapping[str, np.ndarray], dtype: str | None) -> dict[s
     return {k: np.asarray(v).astype(model_dtypes.get(k, target), copy=False) for k, v in flat.items()}
 
 
-def _model_targets(targets: Sequence[str]) -> tuple[str, ...]:
-    """Writes numeric path segments (`to_out.0`, `net.0.proj`) as one-character classes (`to_out.[0]`).
-
-    The model refuses targets with a numeric segment, taking it for a block index; a character class
-    matches the same single module under its shell-style matching.
-    TODO(lead): drop once the model's check looks only at the segment after `blocks.`.
-    """
-    return tuple(re.sub(r"\.(\d+)(?=\.|$)", lambda m: "." + "".join(f"[{c}]" for c in m[1]), t) for t in targets)
-
-
 def prepare_lora(cfg, base_shapes: Mapping[str, tuple[int, ...]], lora: layouts.CanonicalLora):
     """CanonicalLora -> (LoraConfig, Flax flat LoRA params) for the model described by `cfg`.
 
@@ -79,7 +68,7 @@ def prepare_lora(cfg, base_shapes: Mapping[str, tuple[int, ...]], lora: layouts.
         fan_out, fan_in = base_shapes[weight]
         shapes[target] = (fan_in, fan_out)
     lora = layouts.fill_missing_blocks(lora, cfg.num_layers, shapes)
-    lora_cfg = LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=_model_targets(lora.targets))
+    lora_cfg = LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
     return lora_cfg, lora_flax_from_peft(cfg, lora_cfg, lora.weights)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from typing import Callable
 
 import jax
@@ -201,7 +202,7 @@ class WanTransformer3DModel(nnx.Module):
             raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
         if lora is not None:
             for t in lora.targets:
-                if any(part.isdigit() for part in t.split(".")):
+                if re.search(r"(^|\.)blocks\.\d+(\.|$)", t):
                     raise ValueError(f"LoRA target {t!r} names one block; blocks share one scanned layout, "
                                      "so targets apply to every block: write 'blocks.*.<module>'")
         rngs = rngs if rngs is not None else nnx.Rngs(0)

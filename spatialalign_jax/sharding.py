@@ -1,7 +1,7 @@
 """The whole sharding policy: the device mesh, where the batch goes, and one table of parameter rules.
 
 Mesh axes are `data` and `fsdp` (a `tensor` or `context` axis can join the table later). The batch
-is split over both; frozen base weights are FSDP-sharded (each weight's largest axis that the
+is split over both; frozen weight matrices are FSDP-sharded (each weight's largest axis that the
 `fsdp` size divides, never the stacked layer axis, which the scan walks through); LoRA weights and
 their optimiser state are small and replicated.
 """
@@ -21,6 +21,8 @@ BATCH_AXES = ("data", "fsdp")
 # (regex on the Flax parameter name, rule). First match wins.
 PARAM_RULES: tuple[tuple[str, str], ...] = (
     (r"\.lora_[AB]$", "replicate"),
+    # vectors and modulation tables: too small to be worth a gather, and they meet batch-sharded activations
+    (r"(\.bias|\.scale|scale_shift_table)$", "replicate"),
     (r".", "fsdp"),
 )
 

@@ -1,0 +1,158 @@
+"""The training loop behind `run_train.py`: mesh, model, data, the jitted step, checkpoints, logs.
+
+A run lives in `run.dir`: `config.yaml` (the resolved config), `checkpoints/<step>/` (Orbax: LoRA,
+AdamW state, data-sampler state), `lora/step_<step>/` (the LoRA as a converted checkpoint that
+`python -m converters.to_diffusers` exports), `metrics.jsonl` and `tb/` (TensorBoard). Starting a run
+whose folder holds checkpoints resumes from the latest one: same step, same next pairs, same noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import load_transformer, save_checkpoint
+from .data import PairSampler, make_synthetic_store
+from .losses import pairing_for
+from .lora import BASE, flat_params, set_params
+from .metrics_log import MetricsLogger, ProgressBar
+from .model import WanTransformer3DModel
+from .run_checkpoint import RunCheckpointer, SigtermGuard
+from .run_config import RunConfig
+from .sharding import make_mesh, param_shardings
+from .train_step import batch_sharding, init_train_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Arrays of a sampler batch the step consumes; the rest (DSR values, indices) are for logs.
+STEP_KEYS = ("latents_w", "latents_l", "text_emb")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_model(rc: RunConfig, mesh: jax.sharding.Mesh) -> WanTransformer3DModel:
+    m = rc.model
+    if m.path:
+        return load_transformer(m.path, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
+                                remat=m.remat, lora=rc.lora_config(), lora_seed=m.init_seed)
+    # Random init (smoke runs, benchmarks): built on one device, then each parameter placed sharded.
+    model = WanTransformer3DModel(rc.wan_config(), lora=rc.lora_config(), dtype=m.dtype, param_dtype=m.param_dtype,
+                                  attention=m.attention, remat=m.remat, rngs=nnx.Rngs(m.init_seed))
+    params = flat_params(model)
+    shardings = param_shardings({k: v.shape for k, v in params.items()}, mesh)
+    set_params(model, {k: jax.device_put(v, shardings[k]) for k, v in params.items()})
+    return model
+
+
+def _ensure_store(rc: RunConfig) -> None:
+    path = Path(rc.data.store)
+    if path.exists() or rc.data.synthetic is None:
+        if not path.exists():
+            raise FileNotFoundError(f"data.store {str(path)!r} does not exist; score samples into it with "
+                                    "`python -m scoring score ...`, or set data.synthetic for a smoke run")
+        return
+    if jax.process_index() == 0:
+        log.info("building a synthetic store at %s", path)
+        make_synthetic_store(path, **rc.data.synthetic_kwargs())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic store built")
+
+
+def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: int) -> dict[str, jax.Array]:
+    """Stacks this host's micro-batches to (grad_accum, pairs, ...) global arrays split over the mesh."""
+    out = {}
+    for k in STEP_KEYS:
+        local = np.stack([mb[k] for mb in micro_batches])
+        global_shape = (grad_accum, local.shape[1] * jax.process_count(), *local.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, global_shape)
+    return out
+
+
+def _export_lora(rc: RunConfig, model: WanTransformer3DModel, lora_state, step: int) -> Path:
+    lora_flat = {".".join(map(str, p)): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(lora_state)}
+    dst = Path(rc.run.dir) / "lora" / f"step_{step:07d}"
+    return save_checkpoint(dst, model.config, None, rc.lora_config(), lora_flat, overwrite=True,
+                           extra_meta={"run": rc.run.name, "step": step, "base": rc.model.path})
+
+
+def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) the configured training; returns a summary of the last step."""
+    run_dir = Path(rc.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(rc.mesh)
+    pairs_micro = rc.pairs_per_micro_step(mesh.size)
+    rc.save_yaml(run_dir / "config.yaml")
+    _ensure_store(rc)
+    sampler = PairSampler(rc.data.store, global_batch_size=pairs_micro, seed=rc.train.seed,
+                          pairing=pairing_for(rc.loss.kind), tau=rc.data.tau, split=rc.data.split,
+                          max_text_len=rc.data.max_text_len, num_hosts=jax.process_count(),
+                          host_index=jax.process_index())
+
+    model = build_model(rc, mesh)
+    step_cfg = rc.step_config()
+    optimizer = make_optimizer(step_cfg)
+    state = init_train_state(model, optimizer, mesh)
+    base = nnx.state(model, BASE)
+    ckpt = RunCheckpointer(run_dir, keep=rc.train.keep_checkpoints, save_every=rc.train.checkpoint_every)
+    start = 0
+    if ckpt.latest_step() is not None:
+        lora, opt_state, meta = ckpt.restore(None, state["lora"], state["opt_state"])
+        start = int(meta["step"])
+        state = {"lora": lora, "opt_state": opt_state,
+                 "step": jax.device_put(jnp.asarray(start, jnp.int32), state["step"].sharding)}
+        sampler.load_state_dict(meta["sampler"])
+        log.info("resumed %s from step %d", run_dir, start)
+    step_fn = make_train_step(model, step_cfg, optimizer, mesh)
+    key = jax.random.key(rc.train.seed)
+    accum = rc.train.grad_accum
+
+    def save(step: int, force: bool = False) -> None:
+        meta = {"step": step, "sampler": sampler.state_dict(), "config": rc.to_dict()}
+        if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force):
+            _export_lora(rc, model, state["lora"], step)
+
+    logger = MetricsLogger(run_dir, resume_step=start)
+    bar = ProgressBar(total=rc.train.steps, initial=start, enabled=progress)
+    summary: dict[str, Any] = {"step": start}
+    try:
+        with SigtermGuard() as guard, sampler.prefetch(rc.train.prefetch) as batches:
+            for step in range(start, rc.train.steps):
+                t0 = time.perf_counter()
+                batch = _global_batch([next(batches) for _ in range(accum)], mesh, accum)
+                state, metrics = step_fn(state, base, batch, jax.random.fold_in(key, step))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(metrics["loss"]):
+                    raise NonFiniteLoss(
+                        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. The last good "
+                        f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}. Lower optim.lr or "
+                        "set optim.grad_clip, then rerun to resume from it")
+                done = step + 1
+                metrics["step_time"] = time.perf_counter() - t0
+                if done % rc.train.log_every == 0 or done == rc.train.steps:
+                    logger.log(done, metrics)
+                bar.update(done, metrics)
+                summary = {"step": done, **metrics}
+                stop = guard.should_stop()
+                if done % rc.train.checkpoint_every == 0 or done == rc.train.steps or stop:
+                    save(done, force=True)
+                if stop:
+                    log.warning("signal received: saved step %d and stopped", done)
+                    break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+        bar.close()
+    return summary
