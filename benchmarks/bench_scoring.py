@@ -146,6 +146,8 @@ def main() -> None:
         "seconds_per_81_frame_video": 81 * (detect_s + track_s) / n,
         **params,
         "torch": torch.__version__,
+        # The machine may be shared: the load during the run says how much of it the timing had.
+        "load_average_1min_at_end": os.getloadavg()[0],
     }
     for key, value in result.items():
         print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
