@@ -1,4 +1,4 @@
-"""LoRA as state: which parameters train, their PEFT initialisation, reading them out, folding them in.
+"""LoRA as state: which parameters train, their PEFT initialisation, reading and writing them by name.
 
 The adapters live inside the model's `Linear` layers as `nnx.LoRAParam`s (a subclass of `nnx.Param`),
 so `nnx.state(model, LORA)` is the trainable state and `nnx.state(model, BASE)` the frozen one.
@@ -52,26 +52,3 @@ def init_lora(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str,
         elif name.endswith(".lora_B"):
             out[name] = np.zeros(shape, np.float32)
     return out
-
-
-def merge_lora(base: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-    """Folds `scale * A @ B` into each adapted kernel (stacked block kernels included)."""
-    merged = dict(base)
-    for name in lora:
-        if not name.endswith(".lora_A"):
-            continue
-        module = name[: -len(".lora_A")]
-        kernel = f"{module}.kernel"
-        if kernel not in merged:
-            raise KeyError(f"LoRA on {module!r} but the base weights have no {kernel!r}")
-        a = np.asarray(lora[name], np.float32)
-        b = np.asarray(lora[f"{module}.lora_B"], np.float32)
-        w = np.asarray(merged[kernel])
-        delta = scale * np.matmul(a, b)
-        merged[kernel] = (w.astype(np.float32) + delta).astype(w.dtype)
-    return merged
-
-
-def count(model: nnx.Module, which=nnx.Param) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, which)))
-

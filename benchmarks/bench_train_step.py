@@ -1,0 +1,135 @@
+"""One DPO step (winner + loser, LoRA-on + reference forwards, backward, AdamW): JAX vs the PyTorch
+reference step (`reference_torch.TorchDpoStep`), mid-size config, one pair, fp32, this machine's CPU.
+
+    python -m benchmarks.bench_train_step [--repeats 5] [--sizes 320,1280]
+    python -m benchmarks.bench_train_step --full-1.3b   # on a GPU: 1.3B at 480x832x81, bf16, remat, 1 pair
+
+Each framework and size runs in its own process. Peak memory: for PyTorch the max-RSS growth once the
+model and batch exist; for JAX the buffers XLA plans for the compiled step (temporaries + outputs).
+The FLOP count is the model's matmul FLOPs of the step: two forwards (policy, reference) and one
+backward (2x a forward) over winner and loser. Writes benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks.common import (MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops, peak_rss_mib, run_isolated, timed,
+                               write_results)
+
+PAIRS = 1
+
+
+def step_flops(cfg: dict, fhw, pairs: int = PAIRS) -> float:
+    return 4 * forward_flops(cfg, 2 * pairs, fhw, TEXT_LEN)  # policy fwd + bwd (2x) + reference fwd
+
+
+def _host_batch(cfg: dict, fhw):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lat = lambda: rng.standard_normal((PAIRS, cfg["in_channels"], *fhw)).astype(np.float32)  # noqa: E731
+    return dict(x0_w=lat(), x0_l=lat(), eps_w=lat(), eps_l=lat(),
+                text_emb=rng.standard_normal((PAIRS, TEXT_LEN, cfg["text_dim"])).astype(np.float32),
+                sigma=np.full((PAIRS,), 0.5, np.float32))
+
+
+def one_jax(size: str, repeats: int, cfg: dict = MID, dtype: str = "float32", remat: str = "none",
+            attention: str = "auto", fhw=None) -> dict:
+    import jax
+    from flax import nnx
+
+    from spatialalign_jax.config import LoraConfig, WanConfig
+    from spatialalign_jax.lora import BASE
+    from spatialalign_jax.model import WanTransformer3DModel
+    from spatialalign_jax.train_step import StepConfig, init_train_state, make_optimizer, make_train_step
+
+    fhw = fhw or SIZES[size]
+    model = WanTransformer3DModel(WanConfig.from_diffusers(cfg), lora=LoraConfig(), dtype=dtype, param_dtype=dtype,
+                                  attention=attention, remat=remat, rngs=nnx.Rngs(0))
+    step_cfg = StepConfig(warmup_steps=0)
+    optimizer = make_optimizer(step_cfg)
+    step = make_train_step(model, step_cfg, optimizer)
+    base = nnx.state(model, BASE)
+    hb = _host_batch(cfg, fhw)
+    batch = {"latents_w": hb["x0_w"][None], "latents_l": hb["x0_l"][None], "text_emb": hb["text_emb"][None]}
+    state = init_train_state(model, optimizer)
+    key = jax.random.key(0)
+    compiled = step.lower(state, base, batch, key).compile()
+    mem = compiled.memory_analysis()
+    box = {"state": state}
+
+    def run():
+        box["state"], metrics = step(box["state"], base, batch, key)
+        jax.block_until_ready(metrics)
+
+    sec = timed(run, repeats)
+    flops = step_flops(cfg, fhw)
+    return {"framework": f"jax-{attention}", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
+            "peak_mib": (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20,
+            "device": jax.devices()[0].device_kind}
+
+
+def one_torch(size: str, repeats: int) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from reference_torch.dpo_step import TorchDpoStep
+
+    torch.manual_seed(0)
+    ref = TorchDpoStep(WanTransformer3DModel(**MID), lora_rank=16, lora_alpha=16.0, warmup_steps=0)
+    batch = {k: torch.from_numpy(v) for k, v in _host_batch(MID, SIZES[size]).items()}
+    base = peak_rss_mib()
+    sec = timed(lambda: ref.step(batch), repeats)
+    with torch.no_grad():
+        t = torch.full((2,), 500.0)
+        x = torch.cat([batch["x0_w"], batch["x0_l"]])
+        fwd = timed(lambda: ref.transformer(x, t, torch.cat([batch["text_emb"]] * 2)), repeats)
+    flops = step_flops(MID, SIZES[size])
+    return {"framework": "pytorch-reference", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
+            "peak_mib": peak_rss_mib() - base, "forwards_per_step": sec / fwd}
+
+
+def full_1_3b(repeats: int) -> dict:
+    """Wan2.1-T2V-1.3B, 480x832x81 (32,760 tokens), bf16 with fp32 LoRA, full remat, cuDNN, one pair."""
+    r = one_jax("1.3b-480x832x81", repeats, cfg=WAN_1_3B, dtype="bfloat16", remat="full", attention="cudnn",
+                fhw=(21, 60, 104))
+    peak_tflops = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
+    kind = r["device"]
+    peak = next((v for k, v in peak_tflops.items() if k in kind), None)
+    r["mfu"] = r["gflops"] / 1e3 / peak if peak else None
+    return r
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", default="320,1280")
+    p.add_argument("--full-1.3b", dest="full", action="store_true")
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._one:
+        kind, size = args._one.split(":")
+        r = (one_torch(size, args.repeats) if kind == "torch"
+             else full_1_3b(args.repeats) if kind == "full" else one_jax(size, args.repeats))
+        print(json.dumps(r))
+        return
+    kinds = ["full"] if args.full else ["torch", "jax"]
+    sizes = ["0"] if args.full else args.sizes.split(",")
+    rows = [run_isolated("benchmarks.bench_train_step", ["--_one", f"{k}:{s}", "--repeats", str(args.repeats)])
+            for s in sizes for k in kinds]
+    print(f"{'framework':<20}{'tokens':>8}{'ms/step':>10}{'GFLOP/s':>10}{'peak MiB':>10}")
+    for r in rows:
+        print(f"{r['framework']:<20}{r['size']:>8}{1e3 * r['seconds']:>10.1f}{r['gflops']:>10.1f}{r['peak_mib']:>10.0f}")
+    by = {(r["framework"].split("-")[0], r["size"]): r["seconds"] for r in rows}
+    for s in sizes:
+        if ("pytorch", s) in by and ("jax", s) in by:
+            print(f"{s} tokens: JAX is {by[('pytorch', s)] / by[('jax', s)]:.2f}x the speed of the PyTorch step")
+    path = write_results("train_step_full_1.3b" if args.full else "train_step",
+                         {"config": WAN_1_3B if args.full else MID, "pairs": PAIRS, "text_len": TEXT_LEN, "rows": rows})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
