@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.model).exists():
             raise SampleError(f"--model {args.model!r} does not exist (give a diffusers transformer folder or a "
                               "checkpoint converted with `python -m converters.to_flax`)")
+        if args.steps < 1 or args.batch < 1:
+            raise SampleError(f"--steps ({args.steps}) and --batch ({args.batch}) must be >= 1")
         store = Store.open(args.store, mode="r+")
         # Validate the cheap things before the expensive model load.
         todo, _ = plan_work(store, slots=args.samples_per_prompt, seeds=args.seeds, base_seed=args.base_seed,
@@ -247,9 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import load_transformer
         from .sharding import make_mesh
 
-        mesh = make_mesh(args.mesh) if args.mesh else None
-        model = load_transformer(args.model, mesh=mesh, dtype=args.dtype, param_dtype=args.param_dtype,
-                                 attention=args.attention, lora="checkpoint" if args.use_lora else None)
+        try:
+            mesh = make_mesh(args.mesh) if args.mesh else None
+        except ValueError as e:
+            raise SampleError(f"--mesh {args.mesh!r}: {e}") from None
+        try:
+            model = load_transformer(args.model, mesh=mesh, dtype=args.dtype, param_dtype=args.param_dtype,
+                                     attention=args.attention, lora="checkpoint" if args.use_lora else None)
+        except ValueError as e:
+            raise SampleError(f"--model {args.model!r} cannot be loaded: {e}") from None
         summary = sample_store(store, model, slots=args.samples_per_prompt, seeds=args.seeds, base_seed=args.base_seed,
                                shard=args.shard, split=args.split, batch_size=args.batch, num_steps=args.steps,
                                guidance=args.guidance, shift=args.shift, solver=args.solver, use_lora=args.use_lora,

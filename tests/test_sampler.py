@@ -249,6 +249,8 @@ def test_cli_bad_inputs(tmp_path, model_dir, capsys):
     assert "32-d text embeddings" in error_of(tmp_path / "text")
     assert "3 seeds given" in error_of(tmp_path / "text", "--seeds", "1,2,3")
     assert "seeds must lie in" in error_of(tmp_path / "text", "--seeds", "-4")
+    assert "--mesh 'data=3'" in error_of(tmp_path / "text", "--mesh", "data=3")
+    assert "--steps (0)" in error_of(tmp_path / "text", "--steps", "0")
     assert "is not a store" in error_of(tmp_path / "missing")
     assert main(["--model", str(tmp_path / "nope"), "--store", str(tmp_path / "text")]) == 2
     err = capsys.readouterr().err
