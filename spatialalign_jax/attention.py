@@ -2,7 +2,7 @@
 
 `attend` dispatches on the configured implementation:
 - "xla" / "cudnn": `jax.nn.dot_product_attention` (cuDNN gives fused flash attention on GPUs);
-- "blockwise": queries in blocks, each block's scores and softmax staying small enough to live in
+- "blockwise": one head at a time, queries in blocks, so each step's scores and softmax stay in
   cache, which is what a CPU needs (XLA's unfused attention writes the whole score matrix out);
 - "auto": cuDNN on GPU, blockwise elsewhere.
 """
@@ -17,34 +17,49 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+SHORT_KEYS = 256
 
 
-def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int) -> jax.Array:
+    """One (batch, head) at a time, its queries in blocks of at most `max_block` rows.
+
+    Each step's score matrix (block x keys) stays in cache and its softmax is one fused pass; XLA's
+    unfused attention on CPU instead streams the whole (batch, heads, queries, keys) tensor through
+    memory several times.
+    """
     b, s, h, d = q.shape
-    if s <= block:
-        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    pad = (-s) % block
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
-    blocks = qp.reshape(b, -1, block, h, d).swapaxes(0, 1)  # (num_blocks, b, block, h, d)
-    scale = 1.0 / math.sqrt(d)
-    kt = jnp.einsum("bkhd->bhdk", k)
+    num_blocks = -(-s // max_block)
+    block = -(-s // num_blocks)
+    pad = num_blocks * block - s
+    qh = jnp.einsum("bshd->bhsd", q) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b * h, num_blocks, block, d)
+    kh = jnp.einsum("bshd->bhds", k).reshape(b * h, d, k.shape[1])
+    vh = jnp.einsum("bshd->bhsd", v).reshape(b * h, v.shape[1], d)
 
-    def one_block(qb: jax.Array) -> jax.Array:
-        scores = jnp.einsum("bqhd,bhdk->bhqk", qb, kt, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    def one_block(qb: jax.Array, kt: jax.Array, vv: jax.Array) -> jax.Array:
+        scores = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)
+        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(vv.dtype), vv)
 
-    out = jax.lax.map(one_block, blocks)
-    return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :s]
+    def one_head(args):
+        qs, kt, vv = args
+        if num_blocks == 1:
+            return one_block(qs[0], kt, vv)[None]
+        return jax.lax.map(lambda qb: one_block(qb, kt, vv), qs)
+
+    out = jax.lax.map(one_head, (qh, kh, vh))  # (b*h, blocks, block, d)
+    out = out.reshape(b, h, num_blocks * block, d)[:, :, :s]
+    return jnp.einsum("bhsd->bshd", out)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
-           block_size: int = 256) -> jax.Array:
+           block_size: int = 1024) -> jax.Array:
     """Softmax attention over (batch, seq, heads, head_dim) arrays, no mask, scale 1/sqrt(head_dim)."""
     if implementation == "auto":
         implementation = "cudnn" if jax.default_backend() == "gpu" else "blockwise"
-    if implementation == "blockwise":
+    if implementation == "blockwise" and k.shape[1] > SHORT_KEYS:
         return _blockwise_attention(q, k, v, block_size)
+    if implementation == "blockwise":  # few keys (cross-attention to text): the scores are small anyway
+        implementation = "xla"
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {IMPLEMENTATIONS}")

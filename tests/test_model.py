@@ -90,10 +90,12 @@ def test_blockwise_attention_matches_xla(pair):
     name, _, model, _ = pair
     x, t, ctx = _inputs(name)
     ref = model(x, t, ctx)
-    q = jax.random.normal(jax.random.key(0), (2, 50, 3, 16))
-    k, v = jax.random.normal(jax.random.key(1), (2, 2, 50, 3, 16))
-    _close(jax.jit(lambda q, k, v: attend(q, k, v, "blockwise", block_size=16))(q, k, v),
-           attend(q, k, v, "xla"))
+    # 301 keys: long enough for the blockwise path; 3 query blocks of 101 rows, 2 of them padding
+    q = jax.random.normal(jax.random.key(0), (2, 301, 3, 16))
+    k, v = jax.random.normal(jax.random.key(1), (2, 2, 301, 3, 16))
+    for block in (128, 1024):
+        _close(jax.jit(lambda q, k, v: attend(q, k, v, "blockwise", block_size=block))(q, k, v),
+               attend(q, k, v, "xla"))
     model.attention = "blockwise"
     try:
         _close(model(x, t, ctx), ref)
