@@ -20,12 +20,72 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 SHORT_KEYS = 256
 
 
+@jax.custom_vjp
+def _heads_attention(qh: jax.Array, kt: jax.Array, vh: jax.Array) -> jax.Array:
+    """Softmax attention per head, queries in blocks: qh (heads, blocks, block, d), pre-scaled;
+    kt (heads, d, keys); vh (heads, keys, d). Returns (heads, blocks, block, d)."""
+    return _heads_forward(qh, kt, vh)[0]
+
+
+def _heads_forward(qh, kt, vh):
+    def head(args):
+        qs, kt, vv = args
+
+        def block(qb):
+            scores = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)
+            m = scores.max(-1, keepdims=True)
+            p = jnp.exp(scores - m)
+            total = p.sum(-1, keepdims=True)
+            out = jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32) / total
+            return out.astype(vv.dtype), (m + jnp.log(total))[..., 0]
+
+        return jax.lax.map(block, qs)
+
+    return jax.lax.map(head, (qh, kt, vh))  # out, log-sum-exp per query row
+
+
+def _heads_fwd(qh, kt, vh):
+    out, lse = _heads_forward(qh, kt, vh)
+    return out, (qh, kt, vh, out, lse)
+
+
+def _heads_bwd(res, d_out):
+    """FlashAttention's backward, one head and query block at a time: the probabilities are
+    recomputed from the saved log-sum-exp instead of being stored for every head."""
+    qh, kt, vh, out, lse = res
+
+    def head(args):
+        qs, kt, vv, outs, lses, douts = args
+        delta = jnp.sum(douts.astype(jnp.float32) * outs.astype(jnp.float32), -1)  # (blocks, block)
+
+        def block(carry, xs):
+            dkt, dv = carry
+            qb, lse_b, do, delta_b = xs
+            do = do.astype(jnp.float32)
+            p = jnp.exp(jnp.matmul(qb, kt, preferred_element_type=jnp.float32) - lse_b[:, None])
+            dv = dv + jnp.einsum("qk,qd->kd", p, do)
+            ds = p * (jnp.einsum("qd,kd->qk", do, vv, preferred_element_type=jnp.float32) - delta_b[:, None])
+            dq = jnp.einsum("qk,dk->qd", ds, kt, preferred_element_type=jnp.float32)
+            dkt = dkt + jnp.einsum("qd,qk->dk", qb, ds, preferred_element_type=jnp.float32)
+            return (dkt, dv), dq
+
+        zeros = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vv.shape, jnp.float32))
+        (dkt, dv), dqs = jax.lax.scan(block, zeros, (qs, lses, douts, delta))
+        return dqs, dkt, dv
+
+    dq, dkt, dv = jax.lax.map(head, (qh, kt, vh, out, lse, d_out))
+    return dq.astype(qh.dtype), dkt.astype(kt.dtype), dv.astype(vh.dtype)
+
+
+_heads_attention.defvjp(_heads_fwd, _heads_bwd)
+
+
 def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int) -> jax.Array:
     """One (batch, head) at a time, its queries in blocks of at most `max_block` rows.
 
     Each step's score matrix (block x keys) stays in cache and its softmax is one fused pass; XLA's
     unfused attention on CPU instead streams the whole (batch, heads, queries, keys) tensor through
-    memory several times.
+    memory several times, forward and backward.
     """
     b, s, h, d = q.shape
     num_blocks = -(-s // max_block)
@@ -33,26 +93,14 @@ def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: in
     pad = num_blocks * block - s
     qh = jnp.einsum("bshd->bhsd", q) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b * h, num_blocks, block, d)
-    kh = jnp.einsum("bshd->bhds", k).reshape(b * h, d, k.shape[1])
+    kt = jnp.einsum("bshd->bhds", k).reshape(b * h, d, k.shape[1])
     vh = jnp.einsum("bshd->bhsd", v).reshape(b * h, v.shape[1], d)
-
-    def one_block(qb: jax.Array, kt: jax.Array, vv: jax.Array) -> jax.Array:
-        scores = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)
-        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(vv.dtype), vv)
-
-    def one_head(args):
-        qs, kt, vv = args
-        if num_blocks == 1:
-            return one_block(qs[0], kt, vv)[None]
-        return jax.lax.map(lambda qb: one_block(qb, kt, vv), qs)
-
-    out = jax.lax.map(one_head, (qh, kh, vh))  # (b*h, blocks, block, d)
-    out = out.reshape(b, h, num_blocks * block, d)[:, :, :s]
+    out = _heads_attention(qh, kt, vh).reshape(b, h, num_blocks * block, d)[:, :, :s]
     return jnp.einsum("bhsd->bshd", out)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
-           block_size: int = 1024) -> jax.Array:
+           block_size: int = 2048) -> jax.Array:
     """Softmax attention over (batch, seq, heads, head_dim) arrays, no mask, scale 1/sqrt(head_dim)."""
     if implementation == "auto":
         implementation = "cudnn" if jax.default_backend() == "gpu" else "blockwise"

@@ -141,7 +141,7 @@ def _place(value: np.ndarray, dtype, sharding) -> jax.Array:
 
 
 def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype="float32",
-                     param_dtype=None, attention: str = "auto", remat: str = "none",
+                     param_dtype=None, attention: str = "auto", remat: str = "none", scan_unroll: int | bool = 1,
                      lora: LoraConfig | None | str = "checkpoint", lora_seed: int = 0) -> WanTransformer3DModel:
     """Loads a diffusers transformer folder (or an original Wan checkpoint) or a converted checkpoint.
 
@@ -178,7 +178,7 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
 
     abstract = nnx.eval_shape(lambda: WanTransformer3DModel(
         cfg, lora=lora_cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
-        rngs=nnx.Rngs(0)))
+        scan_unroll=scan_unroll, rngs=nnx.Rngs(0)))
     targets = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     shapes = {k: tuple(v.shape) for k, v in targets.items()}
     shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else {k: None for k in shapes}

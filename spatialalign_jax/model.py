@@ -197,7 +197,7 @@ class WanTransformer3DModel(nnx.Module):
 
     def __init__(self, cfg: WanConfig, *, lora: LoraConfig | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention: str = "auto", remat: str = "none",
-                 rngs: nnx.Rngs | None = None):
+                 scan_unroll: int | bool = 1, rngs: nnx.Rngs | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
         if lora is not None:
@@ -209,6 +209,9 @@ class WanTransformer3DModel(nnx.Module):
         b = _Builder(cfg, lora, jnp.dtype(dtype), jnp.dtype(param_dtype), rngs)
         self.config, self.lora_config = cfg, lora
         self.dtype, self.attention, self.remat = jnp.dtype(dtype), attention, remat
+        # Blocks per scan iteration: 1 compiles one block (fast compiles at 30 layers); unrolling
+        # (True = all) lets XLA skip the stacked residual buffers, worth ~15% of a CPU training step.
+        self.scan_unroll = scan_unroll
         dim = cfg.inner_dim
         pt, ph, pw = cfg.patch_size
 
@@ -269,7 +272,7 @@ class WanTransformer3DModel(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=self.scan_unroll)
         return x
 
 

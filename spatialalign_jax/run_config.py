@@ -81,6 +81,7 @@ class ModelSection:
     param_dtype: str = "bfloat16"  # frozen base weights; LoRA weights are always fp32
     attention: str = "auto"
     remat: str = "full"
+    scan_unroll: int = 1  # blocks per scan iteration (1: one compiled block; num_layers: fully unrolled)
     init_seed: int = 0  # random base weights (path null) and LoRA A matrices
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class ModelSection:
         _one_of("model.param_dtype", self.param_dtype, DTYPES)
         _one_of("model.attention", self.attention, IMPLEMENTATIONS)
         _one_of("model.remat", self.remat, tuple(REMAT_POLICIES))
+        _at_least("model.scan_unroll", self.scan_unroll, 1)
         try:
             WanConfig.from_diffusers(self.config)
         except (TypeError, ValueError) as e:

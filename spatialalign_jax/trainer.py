@@ -44,10 +44,12 @@ def build_model(rc: RunConfig, mesh: jax.sharding.Mesh) -> WanTransformer3DModel
     m = rc.model
     if m.path:
         return load_transformer(m.path, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
-                                remat=m.remat, lora=rc.lora_config(), lora_seed=m.init_seed)
+                                remat=m.remat, scan_unroll=m.scan_unroll, lora=rc.lora_config(),
+                                lora_seed=m.init_seed)
     # Random init (smoke runs, benchmarks): built on one device, then each parameter placed sharded.
     model = WanTransformer3DModel(rc.wan_config(), lora=rc.lora_config(), dtype=m.dtype, param_dtype=m.param_dtype,
-                                  attention=m.attention, remat=m.remat, rngs=nnx.Rngs(m.init_seed))
+                                  attention=m.attention, remat=m.remat, scan_unroll=m.scan_unroll,
+                                  rngs=nnx.Rngs(m.init_seed))
     params = flat_params(model)
     shardings = param_shardings({k: v.shape for k, v in params.items()}, mesh)
     set_params(model, {k: jax.device_put(v, shardings[k]) for k, v in params.items()})

@@ -149,7 +149,7 @@ def test_submodules_match_diffusers(pair):
     assert apply_rope(q, cos, sin).shape == q.shape
 
 
-def test_remat_policies_give_same_output_and_grad(pair):
+def test_remat_policies_and_unrolling_give_same_output_and_grad(pair):
     name, _, model, folder = pair
     if name != "odd_nonsquare":
         pytest.skip("the policies do not depend on the config; one config keeps the suite fast")
@@ -159,8 +159,8 @@ def test_remat_policies_give_same_output_and_grad(pair):
         return jnp.mean(m(x, t, ctx) ** 2)
 
     ref_loss, ref_grad = nnx.value_and_grad(loss)(model)
-    for policy in ("full", "dots", "attention"):
-        m = load_transformer(folder, attention="xla", remat=policy)
+    for policy, unroll in (("full", 1), ("dots", 1), ("attention", 1), ("none", True)):
+        m = load_transformer(folder, attention="xla", remat=policy, scan_unroll=unroll)
         val, grad = nnx.jit(nnx.value_and_grad(loss))(m)
         np.testing.assert_allclose(val, ref_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
