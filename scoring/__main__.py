@@ -190,7 +190,8 @@ def _check_score_models(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from scoring.run import parse_shard, score_store, score_video_dir
+    from scoring.run import score_store, score_video_dir
+    from spatialalign_jax.store import parse_shard
 
     shard = parse_shard(args.shard)
     if args.store:

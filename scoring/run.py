@@ -44,17 +44,6 @@ T = TypeVar("T")
 Decoder = Callable[[np.ndarray], np.ndarray]  # latents (C, F, H, W) -> frames (T, H, W, 3) uint8
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
-    return i, n
-
-
 @dataclass
 class ItemResult:
     """One video's scoring outcome."""

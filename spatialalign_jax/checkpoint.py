@@ -156,7 +156,6 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
     dtype = jnp.dtype(dtype)
     param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
     path = Path(path)
-    stored_lora: dict[str, np.ndarray] = {}
     if is_checkpoint(path):
         meta = read_checkpoint_meta(path)
         cfg = WanConfig.from_diffusers(meta["config"])

@@ -20,7 +20,6 @@ FlatParams = dict[str, np.ndarray]
 
 def expected_shapes(cfg: WanConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Flax flat name -> shape of every parameter of the model (LoRA ones included when `lora`)."""
-    import jax
     from flax import nnx
 
     from .model import WanTransformer3DModel

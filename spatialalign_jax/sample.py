@@ -37,7 +37,7 @@ import numpy as np
 
 from . import schedule
 from .sampler import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, SOLVERS, check_seeds, pad_text, sample
-from .store import SPLITS, Store, StoreError
+from .store import SPLITS, Store, StoreError, parse_shard
 
 log = logging.getLogger("spatialalign_jax.sample")
 
@@ -71,15 +71,11 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n (the convention of ``python -m scoring score --shard``)."""
+def _shard_arg(text: str) -> tuple[int, int]:
     try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
-    return i, n
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
@@ -218,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale; <= 1 turns CFG off")
     ap.add_argument("--shift", type=float, default=schedule.SHIFT, help="flow shift of the sampling schedule")
     ap.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER)
-    ap.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: the prompts with index %% n == i")
+    ap.add_argument("--shard", type=_shard_arg, default=(0, 1), help="i/n: the prompts with index %% n == i")
     ap.add_argument("--mesh", default=None, help="data=D,fsdp=F over this process's devices (default: one device)")
     ap.add_argument("--batch", type=int, default=1, help="samples per sampler call (a multiple of the mesh size)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")

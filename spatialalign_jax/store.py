@@ -110,6 +110,21 @@ _INVALID = frozenset(
 _FAILURE = frozenset({Status.UNREADABLE_VIDEO, Status.WRONG_FRAME_COUNT, Status.MISSING_PROMPT, Status.MODEL_ERROR})
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n): process i of n takes the prompts with ``index % n == i``.
+
+    Sharding is by prompt because each prompt's data lives in its own chunks, so n processes write
+    one store at once without locks (the scorer's and the sampler's ``--shard``).
+    """
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
 class StoreError(ValueError):
     """A store that does not exist, has another layout, or is inconsistent with store.json."""
 

@@ -2,7 +2,6 @@
 resume from the latest, crash leftovers ignored (also a process killed mid-save), NaN refusal and
 the SIGTERM/SIGINT guard."""
 
-import json
 import os
 import signal
 import subprocess

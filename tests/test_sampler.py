@@ -12,7 +12,7 @@ import torch
 
 from conv_tiny import TINY_CONFIG, tiny_transformer
 from spatialalign_jax import load_transformer, sampler
-from spatialalign_jax.sample import SampleError, derived_seed, main, sample_store
+from spatialalign_jax.sample import derived_seed, main, sample_store
 from spatialalign_jax.sharding import make_mesh
 from spatialalign_jax.store import Store, create_store
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from scoring.dsr import dsr_score
-from scoring.run import load_video_results, parse_shard, score_store, score_video_dir
+from scoring.run import load_video_results, score_store, score_video_dir
+from spatialalign_jax.store import parse_shard
 from scoring.video import write_video
 from scoring_fakes import (
     MODE_DROP_FRAME,

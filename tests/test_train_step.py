@@ -17,7 +17,7 @@ from flax import nnx
 from reference_torch.dpo_step import TorchDpoStep
 from spatialalign_jax import load_transformer
 from spatialalign_jax.config import LoraConfig, WanConfig
-from spatialalign_jax.lora import BASE, LORA, flat_params, set_params
+from spatialalign_jax.lora import BASE, LORA, set_params
 from spatialalign_jax.params import lora_flax_from_peft, lora_peft_from_flax
 from spatialalign_jax.sharding import make_mesh
 from spatialalign_jax.train_step import (StepConfig, batch_sharding, init_train_state, make_grad_fn,
