@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(rc, progress=not args.no_progress)
-    except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLoss, FloatingPointError, FileNotFoundError, ValueError) as e:
         print(f"run_train: error: {e}", file=sys.stderr)
         return 1
     print(f"finished at step {summary['step']}: " + ", ".join(

@@ -7,8 +7,8 @@ reference step (`reference_torch.TorchDpoStep`), mid-size config, one pair, fp32
 Each framework and size runs in its own process. Peak memory: for PyTorch the max-RSS growth once the
 model and batch exist; for JAX the buffers XLA plans for the compiled step (temporaries + outputs).
 The mid-size model's 4 blocks run unrolled (`scan_unroll`), the 1.3B model's under a scan. The
-FLOP count is the model's matmul FLOPs of the step: two forwards (policy, reference) and one
-backward (2x a forward) over winner and loser. Writes benchmarks/results/train_step.json.
+FLOP count (`benchmarks.common.lora_step_flops`) is the matmul work the step needs: policy and
+reference forwards over winner and loser, and the policy's backward for activation gradients only. Writes benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.common import (MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops, peak_rss_mib, run_isolated, timed,
+from benchmarks.common import (MID, SIZES, TEXT_LEN, WAN_1_3B, lora_step_flops, peak_rss_mib, run_isolated, timed,
                                write_results)
 
 PAIRS = 1
-
-
-def step_flops(cfg: dict, fhw, pairs: int = PAIRS) -> float:
-    return 4 * forward_flops(cfg, 2 * pairs, fhw, TEXT_LEN)  # policy fwd + bwd (2x) + reference fwd
 
 
 def _host_batch(cfg: dict, fhw):
@@ -66,7 +62,7 @@ def one_jax(size: str, repeats: int, cfg: dict = MID, dtype: str = "float32", re
         jax.block_until_ready(metrics)
 
     sec = timed(run, repeats)
-    flops = step_flops(cfg, fhw)
+    flops = lora_step_flops(cfg, PAIRS, fhw, TEXT_LEN)
     return {"framework": f"jax-{attention}", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
             "peak_mib": (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20,
             "device": jax.devices()[0].device_kind}
@@ -87,7 +83,7 @@ def one_torch(size: str, repeats: int) -> dict:
         t = torch.full((2,), 500.0)
         x = torch.cat([batch["x0_w"], batch["x0_l"]])
         fwd = timed(lambda: ref.transformer(x, t, torch.cat([batch["text_emb"]] * 2)), repeats)
-    flops = step_flops(MID, SIZES[size])
+    flops = lora_step_flops(MID, PAIRS, SIZES[size], TEXT_LEN)
     return {"framework": "pytorch-reference", "size": size, "seconds": sec, "gflops": flops / sec / 1e9,
             "peak_mib": peak_rss_mib() - base, "forwards_per_step": sec / fwd}
 

@@ -22,23 +22,39 @@ SIZES = {"320": (5, 16, 16), "1280": (5, 32, 32)}
 BATCH, TEXT_LEN = 2, 32
 
 
-def forward_flops(cfg: dict, batch: int, latent_fhw: tuple[int, int, int], text_len: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one Wan forward; elementwise work is left out."""
+def forward_flops(cfg: dict, batch: int, latent_fhw: tuple[int, int, int], text_len: int,
+                  part: str = "all") -> float:
+    """Matmul FLOPs (2 per multiply-add) of one Wan forward; elementwise work is left out.
+
+    `part`: "all", "attention" (the two attention products of self- and cross-attention), or
+    "linear" (everything else).
+    """
     f, h, w = latent_fhw
     tokens = f * (h // 2) * (w // 2)
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     patch = cfg["in_channels"] * 4
-    per_block = (
+    attention = 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * text_len * d
+    linear = (
         4 * 2 * tokens * d * d          # self-attention q, k, v, out
-        + 2 * 2 * tokens * tokens * d   # self-attention scores and weighted sum
         + 2 * 2 * tokens * d * d        # cross-attention q, out
         + 2 * 2 * text_len * d * d      # cross-attention k, v
-        + 2 * 2 * tokens * text_len * d
         + 2 * 2 * tokens * d * cfg["ffn_dim"]
     )
     outer = (2 * tokens * patch * d + 2 * tokens * d * cfg["out_channels"] * 4
              + 2 * text_len * (cfg["text_dim"] * d + d * d) + 2 * (cfg["freq_dim"] * d + d * d + 6 * d * d))
-    return float(batch * (cfg["num_layers"] * per_block + outer))
+    parts = {"attention": cfg["num_layers"] * attention, "linear": cfg["num_layers"] * linear + outer}
+    return float(batch * (sum(parts.values()) if part == "all" else parts[part]))
+
+
+def lora_step_flops(cfg: dict, pairs: int, latent_fhw: tuple[int, int, int], text_len: int) -> float:
+    """Matmul FLOPs of one LoRA DPO step over `pairs` (winner + loser): policy and reference forwards,
+    and the policy's backward, which needs activation gradients only (the base is frozen): one more
+    pass of the linear layers and two of attention (dQ, dK, dV, dP). LoRA's own FLOPs are negligible.
+    """
+    n = 2 * pairs
+    fwd = forward_flops(cfg, n, latent_fhw, text_len)
+    return 2 * fwd + forward_flops(cfg, n, latent_fhw, text_len, "linear") + 2 * forward_flops(
+        cfg, n, latent_fhw, text_len, "attention")
 
 
 def peak_rss_mib() -> float:

@@ -1,6 +1,6 @@
 """Export a converted Flax checkpoint back to diffusers.
 
-    python -m converters.to_diffusers --src CKPT --dst DST [--merge] [--max-shard-size 10GB] [--overwrite]
+    python -m converters.to_diffusers --src CKPT --dst DST [--merge [--base BASE]] [--max-shard-size 10GB] [--overwrite]
 
 Default: the checkpoint's LoRA as a safetensors file that `WanPipeline.load_lora_weights` loads as
 is (keys `transformer.blocks.N.attn2.to_k.lora_A.weight`, alpha kept in the `lora_adapter_metadata`
@@ -46,7 +46,26 @@ def _load(src: str | Path):
     from spatialalign_jax.config import WanConfig
 
     meta, base, lora = read_checkpoint(src)
-    return WanConfig.from_diffusers(meta["config"]), base, lora_config_from_meta(meta), lora
+    return WanConfig.from_diffusers(meta["config"]), base, lora_config_from_meta(meta), lora, meta
+
+
+def _base_state_dict(base_path: str | Path, cfg) -> dict[str, np.ndarray]:
+    """Diffusers-named base weights from a diffusers folder, an original Wan checkpoint or a converted
+    checkpoint, refusing one whose config differs from the LoRA's model."""
+    from spatialalign_jax.checkpoint import is_checkpoint, read_checkpoint
+    from spatialalign_jax.config import WanConfig
+    from spatialalign_jax.params import diffusers_from_flax
+
+    if is_checkpoint(base_path):
+        meta, base, _ = read_checkpoint(base_path)
+        base_cfg, sd = WanConfig.from_diffusers(meta["config"]), diffusers_from_flax(
+            WanConfig.from_diffusers(meta["config"]), base)
+    else:
+        weights = io.read_base(base_path)
+        base_cfg, sd = WanConfig.from_diffusers(weights.config), weights.state_dict
+    if base_cfg != cfg:
+        raise ValueError(f"base model {str(base_path)!r} has config {base_cfg}, but the LoRA was trained on {cfg}")
+    return sd
 
 
 def peft_adapter_config(lora_cfg, modules: Sequence[str]) -> dict[str, Any]:
@@ -82,7 +101,7 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False) ->
     # A folder that does not exist yet is created atomically along with the file.
     atomic_target = dst if file.parent == dst and not dst.exists() else file
     io.check_destination(atomic_target, overwrite=overwrite)
-    cfg, _, lora_cfg, lora = _load(src)
+    cfg, _, lora_cfg, lora, _ = _load(src)
     if lora_cfg is None:
         raise ValueError(f"{src} holds no LoRA weights; use --merge to export the base model as a diffusers folder")
     peft = lora_peft_from_flax(cfg, lora_cfg, lora)
@@ -141,17 +160,25 @@ def write_diffusers_folder(folder: Path, config: Mapping[str, Any], sd: dict[str
 
 
 def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
-                  max_shard_size: int | str = "10GB") -> Path:
-    """Writes a full diffusers `WanTransformer3DModel` folder with the LoRA folded into the weights."""
+                  max_shard_size: int | str = "10GB", base: str | Path | None = None) -> Path:
+    """Writes a full diffusers `WanTransformer3DModel` folder with the LoRA folded into the weights.
+
+    A LoRA-only checkpoint (what training writes) is merged into `base`, by default the base model
+    path the training run recorded in the checkpoint.
+    """
     from spatialalign_jax.params import diffusers_from_flax, lora_peft_from_flax
 
     dst = io.check_destination(dst, overwrite=overwrite)
-    cfg, base, lora_cfg, lora = _load(src)
-    if not base:
-        raise ValueError(f"{src} holds LoRA weights only, nothing to merge them into; convert it together "
-                         "with its base model (`python -m converters.to_flax --src BASE --lora ...`)")
-    sd = diffusers_from_flax(cfg, base)
-    del base  # a full model's worth of memory
+    cfg, base_flat, lora_cfg, lora, meta = _load(src)
+    base = base or (None if base_flat else meta.get("base"))
+    if base is not None:
+        sd = _base_state_dict(base, cfg)
+    elif base_flat:
+        sd = diffusers_from_flax(cfg, base_flat)
+    else:
+        raise ValueError(f"{src} holds LoRA weights only and names no base model; pass --base with the "
+                         "model it was trained on (diffusers folder, original Wan or converted checkpoint)")
+    del base_flat  # a full model's worth of memory
     if lora_cfg is not None:
         sd = merge_lora(sd, lora_peft_from_flax(cfg, lora_cfg, lora), lora_cfg.scale)
     else:
@@ -169,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="LoRA .safetensors path or folder; with --merge, a model folder")
     p.add_argument("--merge", action="store_true", help="write a full WanTransformer3DModel with the LoRA folded in")
     p.add_argument("--max-shard-size", default="10GB", help="with --merge: largest safetensors shard (default 10GB)")
+    p.add_argument("--base", help="with --merge: the base model to fold a LoRA-only checkpoint into (default: the "
+                                  "base path a training run recorded in it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -178,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.merge:
-            export_merged(args.src, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+            export_merged(args.src, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                          base=args.base)
         else:
             export_lora(args.src, args.dst, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -4,7 +4,7 @@
 - "xla" / "cudnn": `jax.nn.dot_product_attention` (cuDNN gives fused flash attention on GPUs);
 - "blockwise": one head at a time, queries in blocks, so each step's scores and softmax stay in
   cache, which is what a CPU needs (XLA's unfused attention writes the whole score matrix out);
-- "auto": cuDNN on GPU, blockwise elsewhere.
+- "auto": cuDNN on GPU for half-precision inputs (fp32 there: XLA), blockwise on CPU.
 """
 
 from __future__ import annotations
@@ -99,11 +99,18 @@ def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: in
     return jnp.einsum("bhsd->bshd", out)
 
 
+def _cudnn_supports(q: jax.Array) -> bool:
+    """cuDNN's fused attention takes half-precision inputs with a head dim that is a multiple of 8."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
            block_size: int = 2048) -> jax.Array:
     """Softmax attention over (batch, seq, heads, head_dim) arrays, no mask, scale 1/sqrt(head_dim)."""
     if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "blockwise"
+        implementation = "blockwise" if jax.default_backend() == "cpu" else (
+            "cudnn" if _cudnn_supports(q) else "xla")
     if implementation == "blockwise" and k.shape[1] > SHORT_KEYS:
         return _blockwise_attention(q, k, v, block_size)
     if implementation == "blockwise":  # few keys (cross-attention to text): the scores are small anyway

@@ -113,9 +113,13 @@ def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, n
         ckptr.save(tmp / "params", tree)
         ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
+        old = None
+        if dst.exists():  # moved aside first: a crash in between leaves one complete copy
+            old = dst.with_name(f".{dst.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            os.replace(dst, old)
         os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

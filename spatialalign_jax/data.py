@@ -80,7 +80,7 @@ def build_pair_table(dsr: np.ndarray, usable: np.ndarray, *, pairing: str = "thr
         if prompt_mask is not None and not prompt_mask[p]:
             continue
         valid = np.flatnonzero(usable[p])
-        d = dsr[p]
+        d = dsr[p].astype(np.float64)  # compared as evaluation compares (float64), ties at tau included
         if pairing == "threshold":
             w, lo = valid[d[valid] >= tau], valid[d[valid] < tau]
             pp = np.stack(np.meshgrid(w, lo, indexing="ij"), -1).reshape(-1, 2)

@@ -46,9 +46,11 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         y = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
         if use_lora and self.lora_A is not None:
-            # PEFT runs the adapter in the activations' dtype and adds it to the base output.
-            down = x @ self.lora_A[...].astype(self.dtype)
-            y = y + (down @ self.lora_B[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+            # PEFT runs the adapter in its weights' dtype (fp32) and adds it to the base output before
+            # casting back, so bf16 training still gets fp32 adapter outputs and gradients.
+            a = self.lora_A[...]
+            delta = (x.astype(a.dtype) @ a) @ self.lora_B[...] * self.lora_scale
+            y = (y.astype(jnp.promote_types(y.dtype, delta.dtype)) + delta).astype(self.dtype)
         return y
 
 

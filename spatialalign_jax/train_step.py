@@ -34,7 +34,9 @@ class StepConfig:
     lam: float = 0.5
     clip: float | None = 5.0
     lam_sft: float = 0.5
-    per_pair_timestep: bool = False  # SPEC: one timestep index per (micro-)batch
+    # SPEC: one timestep index shared by the batch; here by each micro-batch (all devices' pairs of one
+    # accumulation step), so the reference run's 48 pairs see 12 indices; True: one per pair.
+    per_pair_timestep: bool = False
     shared_noise: bool = False  # SPEC: winner and loser get independent noise
     shift: float = schedule.SHIFT
     lr: float = 1e-4
@@ -106,6 +108,9 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
         accum = batch["latents_w"].shape[0]
         data = {k: v for k, v in batch.items() if k not in NOISE_KEYS}
         given = {k: batch[k] for k in NOISE_KEYS if k in batch}
+        if given and len(given) != len(NOISE_KEYS):
+            raise ValueError(f"the batch brings noise {sorted(given)}; bring all of {NOISE_KEYS} or none "
+                             "(then the step draws them from its key)")
         keys = jax.random.split(key, accum)
 
         def body(carry, xs):

@@ -82,11 +82,37 @@ def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: 
     return out
 
 
+# What a resumed run must share with the run that saved the checkpoint to draw the same pairs and
+# noise and continue the same optimisation.
+_RESUME_KEYS = ("model.path", "model.config", "lora", "loss", "optim", "train.seed", "train.per_device_batch",
+                "train.grad_accum", "data.store", "data.tau", "data.split", "data.max_text_len")
+
+
+def _check_resumable(rc: RunConfig, meta: dict[str, Any]) -> None:
+    saved = RunConfig.from_dict(meta["config"]).to_dict() if "config" in meta else None
+    if saved is None:
+        return
+    now = rc.to_dict()
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    changed = [k for k in _RESUME_KEYS if get(saved, k) != get(now, k)]
+    if changed:
+        raise ValueError(
+            f"{rc.run.dir} holds a checkpoint of a run with other settings ({', '.join(changed)}: e.g. "
+            f"{changed[0]}={get(saved, changed[0])!r} there, {get(now, changed[0])!r} now); resuming would not "
+            "continue that run. Use a new run.dir, or the original settings")
+
+
 def _export_lora(rc: RunConfig, model: WanTransformer3DModel, lora_state, step: int) -> Path:
     lora_flat = {".".join(map(str, p)): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(lora_state)}
     dst = Path(rc.run.dir) / "lora" / f"step_{step:07d}"
     return save_checkpoint(dst, model.config, None, rc.lora_config(), lora_flat, overwrite=True,
-                           extra_meta={"run": rc.run.name, "step": step, "base": rc.model.path})
+                           extra_meta={"run": rc.run.name, "step": step,
+                                       "base": str(Path(rc.model.path).absolute()) if rc.model.path else None})
 
 
 def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -95,7 +121,7 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(rc.mesh)
     pairs_micro = rc.pairs_per_micro_step(mesh.size)
-    rc.save_yaml(run_dir / "config.yaml")
+    chief = jax.process_index() == 0  # the one process that writes run files (Orbax coordinates its own)
     _ensure_store(rc)
     sampler = PairSampler(rc.data.store, global_batch_size=pairs_micro, seed=rc.train.seed,
                           pairing=pairing_for(rc.loss.kind), tau=rc.data.tau, split=rc.data.split,
@@ -110,23 +136,26 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     ckpt = RunCheckpointer(run_dir, keep=rc.train.keep_checkpoints, save_every=rc.train.checkpoint_every)
     start = 0
     if ckpt.latest_step() is not None:
+        _check_resumable(rc, ckpt.meta())
         lora, opt_state, meta = ckpt.restore(None, state["lora"], state["opt_state"])
         start = int(meta["step"])
         state = {"lora": lora, "opt_state": opt_state,
                  "step": jax.device_put(jnp.asarray(start, jnp.int32), state["step"].sharding)}
         sampler.load_state_dict(meta["sampler"])
         log.info("resumed %s from step %d", run_dir, start)
+    if chief:
+        rc.save_yaml(run_dir / "config.yaml")
     step_fn = make_train_step(model, step_cfg, optimizer, mesh)
     key = jax.random.key(rc.train.seed)
     accum = rc.train.grad_accum
 
     def save(step: int, force: bool = False) -> None:
         meta = {"step": step, "sampler": sampler.state_dict(), "config": rc.to_dict()}
-        if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force):
+        if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force) and chief:
             _export_lora(rc, model, state["lora"], step)
 
-    logger = MetricsLogger(run_dir, resume_step=start)
-    bar = ProgressBar(total=rc.train.steps, initial=start, enabled=progress)
+    logger = MetricsLogger(run_dir, resume_step=start, enabled=chief)
+    bar = ProgressBar(total=rc.train.steps, initial=start, enabled=progress and chief)
     summary: dict[str, Any] = {"step": start}
     try:
         with SigtermGuard() as guard, sampler.prefetch(rc.train.prefetch) as batches:
@@ -135,9 +164,10 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                 batch = _global_batch([next(batches) for _ in range(accum)], mesh, accum)
                 state, metrics = step_fn(state, base, batch, jax.random.fold_in(key, step))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise NonFiniteLoss(
-                        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. The last good "
+                        f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step + 1}; "
+                        "stopping without saving. The last good "
                         f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}. Lower optim.lr or "
                         "set optim.grad_clip, then rerun to resume from it")
                 done = step + 1

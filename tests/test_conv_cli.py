@@ -341,7 +341,7 @@ def test_lora_on_every_linear_and_some_blocks_only(work, tmp_path):
 
 
 def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
-    """Training writes LoRA-only checkpoints: they export as a LoRA file, and --merge says what is missing."""
+    """Training writes LoRA-only checkpoints: they export as a LoRA file and merge into their base model."""
     from spatialalign_jax.checkpoint import lora_config_from_meta, save_checkpoint
     from spatialalign_jax.config import WanConfig
 
@@ -352,3 +352,15 @@ def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
     _assert_same_arrays({k: v.numpy() for k, v in load_file(tmp_path / "x.safetensors").items()},
                         load_file(work["lora_file"]))
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "lora_only"), "--merge"], "LoRA weights only", cli=to_diffusers)
+    # --merge into the base it names: --base, or the base path a training run records in its meta
+    from diffusers import WanTransformer3DModel
+
+    assert to_diffusers.main(["--src", str(tmp_path / "lora_only"), "--dst", str(tmp_path / "merged"), "--merge",
+                              "--base", str(work["root"] / "base")]) == 0
+    merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged")
+    assert _rel_err(torch_forward(merged, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-5
+    save_checkpoint(tmp_path / "trained", WanConfig.from_diffusers(meta["config"]), None,
+                    lora_config_from_meta(meta), lora, extra_meta={"base": str(work["ckpt"])})
+    assert to_diffusers.main(["--src", str(tmp_path / "trained"), "--dst", str(tmp_path / "merged2"), "--merge"]) == 0
+    merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged2")
+    assert _rel_err(torch_forward(merged, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-5

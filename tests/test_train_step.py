@@ -126,3 +126,11 @@ def test_sharded_step_matches_single_device(setup):
     for a, b in zip(jax.tree.leaves(s8["lora"]), jax.tree.leaves(s1["lora"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert len(set(np.round(single, 6))) > 1  # the losses move
+
+
+def test_partial_noise_is_an_error(setup):
+    _, model, _, _, step_cfg, _, _ = setup
+    batch = {k: v for k, v in _batches(1)[0].items() if k != "sigma"}
+    grad_fn = make_grad_fn(nnx.split(model, BASE, LORA)[0], step_cfg)
+    with pytest.raises(ValueError, match="bring all of"):
+        grad_fn(nnx.state(model, LORA), nnx.state(model, BASE), batch, jax.random.key(0))

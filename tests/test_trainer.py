@@ -112,3 +112,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     assert "loss is" in out.stderr and "last good checkpoint" in out.stderr
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and max(steps) < 30
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    _run_train(run, "--set", "train.steps=2", "--set", "train.checkpoint_every=2")
+    out = _run_train(run, "--set", "train.steps=4", "--set", "optim.lr=0.5", check=False)
+    assert out.returncode == 1 and "other settings (optim" in out.stderr, out.stderr
+    _run_train(run, "--set", "train.steps=4")  # more steps, same run: resumes
+    assert sorted(_losses(run)) == [1, 2, 3, 4]
