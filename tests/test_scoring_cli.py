@@ -16,8 +16,9 @@ from scoring.video import write_video
 from scoring_fakes import ColorDetector, ColorTracker, FakeDecoder, fake_latents, render, trajectory
 from spatialalign_jax.store import Status, Store, create_store
 
-REF = Path("/work/shared/reference")
 ROOT = Path(__file__).resolve().parents[1]
+# The published prompt sets ship with the package (copies of ../shared/reference).
+REF = ROOT / "scoring" / "reference"
 EVAL120 = REF / "eval120.csv" if (REF / "eval120.csv").is_file() else None
 T = 24
 
