@@ -257,3 +257,17 @@ def test_bad_configs_and_targets(tmp_path):
     TorchWan(**{**CONFIGS["odd_nonsquare"], "rope_max_seq_len": 2}).save_pretrained(big)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         load_transformer(big)(*_inputs("odd_nonsquare"))
+
+
+def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision(monkeypatch):
+    import spatialalign_jax.attention as A
+
+    q = jnp.zeros((1, 300, 2, 64), jnp.float32)
+    calls = []
+    monkeypatch.setattr(A, "_blockwise_attention", lambda q, k, v, b: calls.append("blockwise") or q)
+    A.attend(q, q, q, "auto")
+    assert calls == ["blockwise"]
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    assert A._cudnn_supports(q.astype(jnp.bfloat16))
+    assert not A._cudnn_supports(q)  # fp32: cuDNN's fused attention refuses it, XLA runs instead
+    assert not A._cudnn_supports(jnp.zeros((1, 8, 2, 12), jnp.bfloat16))  # head dim not a multiple of 8
