@@ -38,6 +38,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from scoring.dsr import DSR_TYPES  # numpy only: the one table of DSR types
 from spatialalign_jax.store import Status, Store, StoreError, create_store
 
 TAU_TRAIN = 0.7
@@ -345,8 +346,6 @@ class Prefetcher:
 
 # -- a synthetic store for smoke runs and tests ---------------------------------------------------
 
-_SSR_WORD = {"L": "left", "R": "right", "T": "top"}
-_TYPES = ("LR", "RL", "LT", "TL", "RT", "TR")
 
 
 def make_synthetic_store(
@@ -373,11 +372,11 @@ def make_synthetic_store(
     rng = np.random.default_rng(seed)
     prompts = []
     for i in range(num_prompts):
-        t = _TYPES[i % len(_TYPES)]
+        t = list(DSR_TYPES.values())[i % len(DSR_TYPES)]
         prompts.append({
-            "type": t, "prompt_id": f"synthetic_{i:04d}", "scene": "a synthetic scene", "initial_SR": _SSR_WORD[t[0]],
-            "final_SR": _SSR_WORD[t[1]], "animal": "cat", "object": "box",
-            "prompt": f"synthetic prompt {i}: a cat moves from the {_SSR_WORD[t[0]]} to the {_SSR_WORD[t[1]]} of a box",
+            "type": t.name, "prompt_id": f"synthetic_{i:04d}", "scene": "a synthetic scene",
+            "initial_SR": t.initial_phrase, "final_SR": t.final_phrase, "animal": "cat", "object": "box",
+            "prompt": f"a synthetic scene, a cat is {t.initial_phrase} a box, then the cat moves {t.final_phrase} the box.",
             "split": "train",
         })
     store = create_store(path, prompts, samples_per_prompt=samples_per_prompt, latent_shape=latent_shape,

@@ -250,7 +250,7 @@ class WanTransformer3DModel(nnx.Module):
 
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
         context = encoder_hidden_states.astype(self.dtype)
-        x = self.patch_embedding(hidden_states.astype(self.dtype), use_lora)
+        x = self.patch_embedding(hidden_states.astype(self.dtype))
         temb, timestep_proj, context = self.condition_embedder(timestep, context, use_lora)
         temb6 = timestep_proj.reshape(batch, 6, -1)
 
@@ -288,7 +288,7 @@ class _PatchEmbedding(nnx.Module):
                                                    -bound, bound).astype(b.param_dtype))
         self.bias = nnx.Param(jax.random.uniform(b.rngs.params(), (dim,), FP32, -bound, bound).astype(b.param_dtype))
 
-    def __call__(self, x: jax.Array, use_lora: bool) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         bsz, c, f, h, w = x.shape
         pt, ph, pw = self.patch
         nf, nh, nw = f // pt, h // ph, w // pw

@@ -37,6 +37,7 @@ import yaml
 from .config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
 from .data import TAU_TRAIN
 from .losses import check_kind
+from .train_step import StepConfig as _STEP
 
 # The smoke run `python run_train.py` uses when given no config.
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -123,11 +124,12 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    kind: str = "dpo_zo"
-    beta: float = 1.0
-    lam: float = 0.5  # weight of the zeroth-order regulariser
-    clip: float | None = 5.0  # margin clip; null disables it
-    lam_sft: float = 0.5  # weight of the winner reconstruction term of dpo_sft
+    # The SPEC values live once, in StepConfig's defaults.
+    kind: str = _STEP.kind
+    beta: float = _STEP.beta
+    lam: float = _STEP.lam  # weight of the zeroth-order regulariser
+    clip: float | None = _STEP.clip  # margin clip; null disables it
+    lam_sft: float = _STEP.lam_sft  # weight of the winner reconstruction term of dpo_sft
     timestep: str = "shared"
     noise: str = "independent"
 
@@ -147,14 +149,14 @@ class LossSection:
 
 @dataclass(frozen=True)
 class OptimSection:
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 300
-    total_steps: int = 3000  # nominal length of the cosine; training may stop earlier (train.steps)
-    grad_clip: float | None = None  # global-norm clip; null: none
+    lr: float = _STEP.lr
+    weight_decay: float = _STEP.weight_decay
+    b1: float = _STEP.b1
+    b2: float = _STEP.b2
+    eps: float = _STEP.eps
+    warmup_steps: int = _STEP.warmup_steps
+    total_steps: int = _STEP.total_steps  # nominal length of the cosine; training may stop earlier (train.steps)
+    grad_clip: float | None = _STEP.grad_clip  # global-norm clip; null: none
 
     def validate(self) -> None:
         _at_least("optim.lr", self.lr, 0, strict=True)
@@ -351,12 +353,10 @@ class RunConfig:
     def lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.lora.rank, alpha=self.lora.alpha, targets=self.lora.targets)
 
-    def step_config(self) -> Any:
+    def step_config(self) -> _STEP:
         """The loss and optimiser settings as ``spatialalign_jax.train_step.StepConfig``."""
-        from .train_step import StepConfig
-
         loss, opt = self.loss, self.optim
-        return StepConfig(
+        return _STEP(
             kind=loss.kind, beta=loss.beta, lam=loss.lam, clip=loss.clip, lam_sft=loss.lam_sft,
             per_pair_timestep=loss.timestep == "per_pair", shared_noise=loss.noise == "shared",
             lr=opt.lr, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2, eps=opt.eps,

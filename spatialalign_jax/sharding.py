@@ -9,7 +9,7 @@ their optimiser state are small and replicated.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -88,14 +88,10 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def microbatch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """(micro-batches, pairs, ...) arrays of gradient accumulation: pairs split over the data axes."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch (global arrays, leading batch axis) with the batch sharding."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        out[k] = jax.device_put(v, batch_sharding(mesh, v.ndim) if v.ndim else replicated(mesh))
-    return out

@@ -21,7 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from . import schedule
 from .losses import check_kind, preference_loss
 from .lora import BASE, LORA
-from .sharding import BATCH_AXES
 
 Batch = Mapping[str, jax.Array]
 NOISE_KEYS = ("eps_w", "eps_l", "sigma")
@@ -163,8 +162,3 @@ def make_train_step(model: nnx.Module, cfg: StepConfig, optimizer: optax.Gradien
         return jax.jit(step, donate_argnums=(0,))
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """(micro-batches, pairs, ...) arrays: pairs split over the data axes."""
-    return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))

@@ -27,8 +27,8 @@ from .metrics_log import MetricsLogger, ProgressBar
 from .model import WanTransformer3DModel
 from .run_checkpoint import RunCheckpointer, SigtermGuard
 from .run_config import RunConfig
-from .sharding import make_mesh, param_shardings
-from .train_step import batch_sharding, init_train_state, make_optimizer, make_train_step
+from .sharding import make_mesh, microbatch_sharding, param_shardings
+from .train_step import init_train_state, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: 
     for k in STEP_KEYS:
         local = np.stack([mb[k] for mb in micro_batches])
         global_shape = (grad_accum, local.shape[1] * jax.process_count(), *local.shape[2:])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, global_shape)
+        out[k] = jax.make_array_from_process_local_data(microbatch_sharding(mesh, local.ndim), local, global_shape)
     return out
 
 
@@ -88,7 +88,13 @@ _RESUME_KEYS = ("model.path", "model.config", "lora", "loss", "optim", "train.se
                 "train.grad_accum", "data.store", "data.tau", "data.split", "data.max_text_len")
 
 
-def _check_resumable(rc: RunConfig, meta: dict[str, Any]) -> None:
+def _check_resumable(rc: RunConfig, meta: dict[str, Any], pairs_per_micro_step: int) -> None:
+    saved_pairs = meta.get("sampler", {}).get("global_batch_size")
+    if saved_pairs is not None and saved_pairs != pairs_per_micro_step:
+        raise ValueError(
+            f"{rc.run.dir} holds a checkpoint trained with {saved_pairs} pairs per micro-step (devices x "
+            f"train.per_device_batch), this run has {pairs_per_micro_step}; resume on as many devices, or use a "
+            "new run.dir")
     saved = RunConfig.from_dict(meta["config"]).to_dict() if "config" in meta else None
     if saved is None:
         return
@@ -136,7 +142,7 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     ckpt = RunCheckpointer(run_dir, keep=rc.train.keep_checkpoints, save_every=rc.train.checkpoint_every)
     start = 0
     if ckpt.latest_step() is not None:
-        _check_resumable(rc, ckpt.meta())
+        _check_resumable(rc, ckpt.meta(), pairs_micro)
         lora, opt_state, meta = ckpt.restore(None, state["lora"], state["opt_state"])
         start = int(meta["step"])
         state = {"lora": lora, "opt_state": opt_state,

@@ -121,7 +121,7 @@ def test_submodules_match_diffusers(pair):
             _close(a, b.numpy())
         # patch embedding
         tpatch = tm.patch_embedding(tx).flatten(2).transpose(1, 2)
-        _close(model.patch_embedding(jnp.asarray(x), True), tpatch.numpy())
+        _close(model.patch_embedding(jnp.asarray(x)), tpatch.numpy())
         # rotary tables and their application
         cos_t, sin_t = tm.rope(tx)
         pt, ph, pw = cfg.patch_size

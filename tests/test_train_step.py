@@ -19,9 +19,8 @@ from spatialalign_jax import load_transformer
 from spatialalign_jax.config import LoraConfig, WanConfig
 from spatialalign_jax.lora import BASE, LORA, set_params
 from spatialalign_jax.params import lora_flax_from_peft, lora_peft_from_flax
-from spatialalign_jax.sharding import make_mesh
-from spatialalign_jax.train_step import (StepConfig, batch_sharding, init_train_state, make_grad_fn,
-                                         make_optimizer, make_train_step)
+from spatialalign_jax.sharding import make_mesh, microbatch_sharding
+from spatialalign_jax.train_step import StepConfig, init_train_state, make_grad_fn, make_optimizer, make_train_step
 
 TINY = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
             freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
@@ -115,7 +114,7 @@ def test_sharded_step_matches_single_device(setup):
         losses = []
         for i, b in enumerate(batches):
             if mesh is not None:
-                b = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+                b = {k: jax.device_put(v, microbatch_sharding(mesh, v.ndim)) for k, v in b.items()}
             state, metrics = step(state, base, b, jax.random.fold_in(jax.random.key(7), i))
             losses.append(float(metrics["loss"]))
         return np.array(losses), state

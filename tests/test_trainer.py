@@ -119,5 +119,7 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
     _run_train(run, "--set", "train.steps=2", "--set", "train.checkpoint_every=2")
     out = _run_train(run, "--set", "train.steps=4", "--set", "optim.lr=0.5", check=False)
     assert out.returncode == 1 and "other settings (optim" in out.stderr, out.stderr
+    out = _run_train(run, "--set", "train.steps=4", "--mesh", "data=2,fsdp=1", devices=2, check=False)
+    assert out.returncode == 1 and "pairs per micro-step" in out.stderr, out.stderr
     _run_train(run, "--set", "train.steps=4")  # more steps, same run: resumes
     assert sorted(_losses(run)) == [1, 2, 3, 4]
