@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scoring.dsr import CORRECTNESS_TAUS, DSR_TYPES, HEADLINE_TAU, correctness_curve
-from spatialalign_jax.store import Status
+from spatialalign_jax.store import Status, write_text_atomic
 
 
 def status_counts(status: Sequence[int] | np.ndarray) -> dict[str, int]:
@@ -98,21 +98,6 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` through a temp file and os.replace: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -188,11 +188,14 @@ def _zarr3_metadata(spec: _ArraySpec) -> dict[str, Any]:
     }
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes through a synced temp file and os.replace: readers see the old or the new file, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -200,6 +203,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _validate_prompts(prompts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
