@@ -33,36 +33,22 @@ def _is_lora(name: str) -> bool:
     return name.endswith(".lora_A") or name.endswith(".lora_B")
 
 
-def _leaf_to_diffusers(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """One unstacked Flax leaf -> (diffusers name, diffusers layout)."""
+def _diffusers_leaf(name: str, ndim: int) -> tuple[str, tuple[int, ...]]:
+    """One unstacked Flax leaf -> (its diffusers name, the axis order of its diffusers layout)."""
     module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
     if leaf in ("lora_A", "lora_B"):
-        return f"{module}.{leaf}.weight", value.T
-    if leaf == "kernel":
-        if value.ndim == 5:  # Conv3d
-            return f"{module}.weight", value.transpose(4, 3, 0, 1, 2)
-        return f"{module}.weight", value.T
+        return f"{module}.{leaf}.weight", (1, 0)
+    if leaf == "kernel":  # Linear (in, out) -> (out, in); Conv3d (t, h, w, in, out) -> (out, in, t, h, w)
+        return f"{module}.weight", (4, 3, 0, 1, 2) if ndim == 5 else (1, 0)
     if leaf == "scale":
-        return f"{module}.weight", value
-    return name, value
+        return f"{module}.weight", tuple(range(ndim))
+    return name, tuple(range(ndim))
 
 
-def _leaf_from_diffusers(name: str, value: np.ndarray) -> np.ndarray:
-    """Inverse of `_leaf_to_diffusers` for the layout, given the Flax leaf name."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("lora_A", "lora_B"):
-        return value.T
-    if leaf == "kernel":
-        return value.transpose(2, 3, 4, 1, 0) if value.ndim == 5 else value.T
-    return value
-
-
-def _diffusers_names(flax_name: str, num_layers: int) -> list[str]:
+def _diffusers_names(flax_name: str, dname: str, num_layers: int) -> list[str]:
     """Diffusers names of one Flax parameter (one per block for stacked block parameters)."""
-    dname, _ = _leaf_to_diffusers(flax_name, np.zeros((1,) * 2))
     if flax_name.startswith("blocks."):
-        rest = dname[len("blocks."):]
-        return [f"blocks.{i}.{rest}" for i in range(num_layers)]
+        return [f"blocks.{i}.{dname[len('blocks.'):]}" for i in range(num_layers)]
     return [dname]
 
 
@@ -71,19 +57,21 @@ def _from_diffusers(cfg: WanConfig, sd: Mapping[str, np.ndarray], shapes: dict[s
     out: FlatParams = {}
     used: set[str] = set()
     for name, shape in shapes.items():
-        dnames = _diffusers_names(name, cfg.num_layers)
+        stacked = name.startswith("blocks.")
+        leaf_shape = shape[1:] if stacked else shape
+        dname, perm = _diffusers_leaf(name, len(leaf_shape))
+        want = tuple(leaf_shape[a] for a in perm)
+        dnames = _diffusers_names(name, dname, cfg.num_layers)
         missing = [d for d in dnames if d not in sd]
         if missing:
-            raise ValueError(f"{what}: missing key {missing[0]!r} (needed for {name}, shape {shape}); "
+            raise ValueError(f"{what}: missing key {missing[0]!r} (expected shape {want}); "
                              f"{len(missing)} key(s) of this kind missing")
-        leaves = [_leaf_from_diffusers(name, np.asarray(sd[d])) for d in dnames]
-        value = np.stack(leaves) if name.startswith("blocks.") else leaves[0]
-        if tuple(value.shape) != shape:
-            bad = dnames[0]
-            raise ValueError(f"{what}: shape mismatch for {bad!r}: got {tuple(np.shape(sd[bad]))}, the model "
-                             f"expects {_leaf_to_diffusers(name, np.zeros(shape[1:] if name.startswith('blocks.') else shape))[1].shape} "
-                             f"(config: {cfg})")
-        out[name] = value
+        for d in dnames:
+            if tuple(np.shape(sd[d])) != want:
+                raise ValueError(f"{what}: shape mismatch for {d!r}: got {tuple(np.shape(sd[d]))}, the model "
+                                 f"expects {want} (config: {cfg})")
+        leaves = [np.transpose(np.asarray(sd[d]), np.argsort(perm)) for d in dnames]
+        out[name] = np.stack(leaves) if stacked else leaves[0]
         used.update(dnames)
     unexpected = sorted(set(sd) - used)
     if unexpected:
@@ -96,13 +84,11 @@ def _to_diffusers(cfg: WanConfig, flat: Mapping[str, np.ndarray]) -> dict[str, n
     out = {}
     for name, value in flat.items():
         value = np.asarray(value)
-        if name.startswith("blocks."):
-            for i in range(cfg.num_layers):
-                dname, dvalue = _leaf_to_diffusers(name, value[i])
-                out["blocks." + str(i) + dname[len("blocks"):]] = np.ascontiguousarray(dvalue)
-        else:
-            dname, dvalue = _leaf_to_diffusers(name, value)
-            out[dname] = np.ascontiguousarray(dvalue)
+        stacked = name.startswith("blocks.")
+        dname, perm = _diffusers_leaf(name, value.ndim - stacked)
+        leaves = value if stacked else value[None]
+        for d, leaf in zip(_diffusers_names(name, dname, cfg.num_layers), leaves):
+            out[d] = np.ascontiguousarray(np.transpose(leaf, perm))
     return out
 
 

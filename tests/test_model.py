@@ -271,3 +271,16 @@ def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision
     assert A._cudnn_supports(q.astype(jnp.bfloat16))
     assert not A._cudnn_supports(q)  # fp32: cuDNN's fused attention refuses it, XLA runs instead
     assert not A._cudnn_supports(jnp.zeros((1, 8, 2, 12), jnp.bfloat16))  # head dim not a multiple of 8
+
+
+def test_state_dict_shape_mismatch_in_one_block_names_that_key():
+    from spatialalign_jax.params import diffusers_from_flax, flax_from_diffusers
+
+    torch.manual_seed(0)
+    sd = {k: v.numpy() for k, v in TorchWan(**CONFIGS["odd_nonsquare"]).state_dict().items()}
+    cfg = WanConfig.from_diffusers(CONFIGS["odd_nonsquare"])
+    back = diffusers_from_flax(cfg, flax_from_diffusers(cfg, sd))
+    assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    sd["blocks.1.attn2.to_k.weight"] = sd["blocks.1.attn2.to_k.weight"][:, :-1]
+    with pytest.raises(ValueError, match=r"shape mismatch for 'blocks.1.attn2.to_k.weight': got \(24, 23\).*\(24, 24\)"):
+        flax_from_diffusers(cfg, sd)
