@@ -57,6 +57,22 @@ def lora_step_flops(cfg: dict, pairs: int, latent_fhw: tuple[int, int, int], tex
         cfg, n, latent_fhw, text_len, "attention")
 
 
+def torch_wan(cfg: dict, dtype: str = "float32", seed: int = 0):
+    """A random diffusers `WanTransformer3DModel` in `dtype`, keeping diffusers' fp32 modules in fp32
+    (`_keep_in_fp32_modules`, as `from_pretrained(torch_dtype=...)` does)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**cfg)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and any(m in name for m in model._keep_in_fp32_modules):
+                t.data = t.data.float()
+    return model
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

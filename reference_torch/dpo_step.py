@@ -15,7 +15,8 @@ the sigmas, so the JAX side can be fed identical values::
         "sigma": (B,) or scalar,                              # one sigma per pair (or per batch)
     }
 
-The step runs in the model's dtype (use float32 for parity). It modifies ``transformer`` in place
+The step runs in the model's dtype (use float32 for parity); the adapter weights are fp32 whatever the
+base dtype, as PEFT keeps them. It modifies ``transformer`` in place
 (adds the adapter named ``"default"``).
 """
 
@@ -157,6 +158,8 @@ class TorchDpoStep:
         )
         self._lora_params = {self._peft_name(n): p for n, p in transformer.named_parameters() if "lora_" in n}
         for p in self._lora_params.values():
+            # Adapter weights in fp32 under a half-precision base, as PEFT's `autocast_adapter_dtype`.
+            p.data = p.data.float()
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self._lora_params.values()), lr=lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay)

@@ -51,30 +51,41 @@ def _heads_fwd(qh, kt, vh):
 
 def _heads_bwd(res, d_out):
     """FlashAttention's backward, one head and query block at a time: the probabilities are
-    recomputed from the saved log-sum-exp instead of being stored for every head."""
+    recomputed from the saved log-sum-exp instead of being stored for every head. As in
+    FlashAttention-2, the products take their operands in the inputs' dtype (half precision runs at
+    the half-precision rate) and accumulate in fp32.
+
+    It works on the transposed probabilities, (keys, queries): then every product is a plain
+    row-major `a @ b` (XLA:CPU contracts an operand's leading axis several times slower), at the
+    cost of transposing the small (block, head_dim) tiles.
+    """
     qh, kt, vh, out, lse = res
+    dt = qh.dtype
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (heads, blocks, block)
+    d_out = d_out.astype(dt)
+    transposed = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
 
     def head(args):
-        qs, kt, vv, outs, lses, douts = args
-        delta = jnp.sum(douts.astype(jnp.float32) * outs.astype(jnp.float32), -1)  # (blocks, block)
+        qs, qs_t, k, kt, vv, dos, dos_t, lses, deltas = args
 
         def block(carry, xs):
-            dkt, dv = carry
-            qb, lse_b, do, delta_b = xs
-            do = do.astype(jnp.float32)
-            p = jnp.exp(jnp.matmul(qb, kt, preferred_element_type=jnp.float32) - lse_b[:, None])
-            dv = dv + jnp.einsum("qk,qd->kd", p, do)
-            ds = p * (jnp.einsum("qd,kd->qk", do, vv, preferred_element_type=jnp.float32) - delta_b[:, None])
-            dq = jnp.einsum("qk,dk->qd", ds, kt, preferred_element_type=jnp.float32)
-            dkt = dkt + jnp.einsum("qd,qk->dk", qb, ds, preferred_element_type=jnp.float32)
-            return (dkt, dv), dq
+            dk, dv = carry
+            qb, qb_t, do, do_t, lse_b, delta_b = xs
+            p_t = jnp.exp(jnp.matmul(k, qb_t, preferred_element_type=jnp.float32) - lse_b[None, :])
+            dv = dv + jnp.matmul(p_t.astype(dt), do, preferred_element_type=jnp.float32)
+            dp_t = jnp.matmul(vv, do_t, preferred_element_type=jnp.float32)
+            ds_t = (p_t * (dp_t - delta_b[None, :])).astype(dt)
+            dk = dk + jnp.matmul(ds_t, qb, preferred_element_type=jnp.float32)
+            dq_t = jnp.matmul(kt, ds_t, preferred_element_type=jnp.float32)
+            return (dk, dv), dq_t
 
-        zeros = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vv.shape, jnp.float32))
-        (dkt, dv), dqs = jax.lax.scan(block, zeros, (qs, lses, douts, delta))
-        return dqs, dkt, dv
+        zeros = (jnp.zeros(vv.shape, jnp.float32), jnp.zeros(vv.shape, jnp.float32))
+        (dk, dv), dq_t = jax.lax.scan(block, zeros, (qs, qs_t, dos, dos_t, lses, deltas))
+        return dq_t, dk, dv
 
-    dq, dkt, dv = jax.lax.map(head, (qh, kt, vh, out, lse, d_out))
-    return dq.astype(qh.dtype), dkt.astype(kt.dtype), dv.astype(vh.dtype)
+    dq_t, dk, dv = jax.lax.map(head, (qh, transposed(qh), transposed(kt), kt, vh, d_out, transposed(d_out),
+                                      lse, delta))
+    return transposed(dq_t).astype(qh.dtype), transposed(dk).astype(kt.dtype), dv.astype(vh.dtype)
 
 
 _heads_attention.defvjp(_heads_fwd, _heads_bwd)

@@ -15,6 +15,43 @@ from flax import nnx
 from .config import LoraConfig
 
 Dtype = jnp.dtype
+HALF = (jnp.bfloat16, jnp.float16)
+
+
+@jax.custom_vjp
+def _half_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _half_dense_fwd(x, kernel):
+    return _half_dense(x, kernel), (x, kernel)
+
+
+def _half_dense_bwd(res, g):
+    # The cotangent goes back to half precision so the two backward products run at the half-precision
+    # rate too; the kernel product contracts the kernel's output axis in place (a transposed copy
+    # would fall off XLA:CPU's fast path). A frozen kernel's gradient is dead code that XLA removes.
+    x, kernel = res
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    batch = tuple(range(x.ndim - 1))
+    dk = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_half_dense.defvjp(_half_dense_fwd, _half_dense_bwd)
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` over the last axis of `x`.
+
+    XLA:CPU multiplies bf16/fp16 at twice the fp32 rate only when the product is asked for in fp32
+    (otherwise it upcasts first and runs at the fp32 rate), so there half-precision inputs give an fp32
+    result, accumulated in fp32 as on a GPU, where the product keeps the input dtype.
+    """
+    if x.dtype in HALF and kernel.dtype == x.dtype and jax.default_backend() == "cpu":
+        return _half_dense(x, kernel)
+    return x @ kernel
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype: Dtype) -> jax.Array:
@@ -44,7 +81,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        y = dense(x, self.kernel[...].astype(self.dtype))
+        y = (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
         if use_lora and self.lora_A is not None:
             # PEFT runs the adapter in its weights' dtype (fp32) and adds it to the base output before
             # casting back, so bf16 training still gets fp32 adapter outputs and gradients.
