@@ -125,31 +125,22 @@ class WanTransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array, temb6: jax.Array, rope: tuple[jax.Array, jax.Array],
                  implementation: str, use_lora: bool) -> jax.Array:
-        x = self.self_attention(x, temb6, rope, implementation, use_lora)
-        return self.cross_attention_and_ffn(x, context, temb6, implementation, use_lora)
+        # Modulation and residual sums in fp32, the stream in the compute dtype, as diffusers does.
+        shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(
+            self.scale_shift_table[...] + temb6.astype(FP32), 6, axis=1)
+        dtype = x.dtype
 
-    # Modulation and residual sums in fp32, the stream in the compute dtype, as diffusers does.
-    def _modulation(self, temb6: jax.Array) -> list[jax.Array]:
-        # shift, scale, gate (self-attention), c_shift, c_scale, c_gate (feed-forward)
-        return jnp.split(self.scale_shift_table[...] + temb6.astype(FP32), 6, axis=1)
-
-    def self_attention(self, x: jax.Array, temb6: jax.Array, rope: tuple[jax.Array, jax.Array],
-                       implementation: str, use_lora: bool) -> jax.Array:
-        shift, scale, gate = self._modulation(temb6)[:3]
-        h = (self.norm1(x) * (1 + scale) + shift).astype(x.dtype)
+        h = (self.norm1(x) * (1 + scale) + shift).astype(dtype)
         attn = checkpoint_name(self.attn1(h, None, rope, implementation, use_lora), "attn1_out")
-        return (x.astype(FP32) + attn * gate).astype(x.dtype)
+        x = (x.astype(FP32) + attn * gate).astype(dtype)
 
-    def cross_attention_and_ffn(self, x: jax.Array, context: jax.Array, temb6: jax.Array, implementation: str,
-                                use_lora: bool) -> jax.Array:
-        c_shift, c_scale, c_gate = self._modulation(temb6)[3:]
-        h = self.norm2(x).astype(x.dtype) if self.norm2 is not None else x
+        h = self.norm2(x).astype(dtype) if self.norm2 is not None else x
         attn = checkpoint_name(self.attn2(h, context, None, implementation, use_lora), "attn2_out")
         x = x + attn
 
-        h = (self.norm3(x) * (1 + c_scale) + c_shift).astype(x.dtype)
+        h = (self.norm3(x) * (1 + c_scale) + c_shift).astype(dtype)
         ff = self.ffn(h, use_lora)
-        return (x.astype(FP32) + ff.astype(FP32) * c_gate).astype(x.dtype)
+        return (x.astype(FP32) + ff.astype(FP32) * c_gate).astype(dtype)
 
 
 class _TimestepEmbedding(nnx.Module):
@@ -191,13 +182,9 @@ class ConditionEmbedder(nnx.Module):
         self.text_embedder = _TextProjection(b, "condition_embedder.text_embedder", cfg.text_dim, dim)
 
     def __call__(self, timestep: jax.Array, context: jax.Array, use_lora: bool):
-        temb, timestep_proj = self.time(timestep, context.dtype, use_lora)
+        temb = self.time_embedder(timestep_sinusoids(timestep, self.freq_dim), use_lora).astype(context.dtype)
+        timestep_proj = self.time_proj(jax.nn.silu(temb), use_lora)
         return temb, timestep_proj, self.text_embedder(context, use_lora)
-
-    def time(self, timestep: jax.Array, dtype: jnp.dtype, use_lora: bool) -> tuple[jax.Array, jax.Array]:
-        """The time embedding and its projection to the six modulation vectors of every block."""
-        temb = self.time_embedder(timestep_sinusoids(timestep, self.freq_dim), use_lora).astype(dtype)
-        return temb, self.time_proj(jax.nn.silu(temb), use_lora)
 
 
 class WanTransformer3DModel(nnx.Module):
@@ -253,25 +240,6 @@ class WanTransformer3DModel(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array,
                  *, use_lora: bool = True) -> jax.Array:
-        return self._forward(hidden_states, timestep, encoder_hidden_states, (use_lora,))[0]
-
-    def policy_and_reference(self, hidden_states: jax.Array, timestep: jax.Array,
-                             encoder_hidden_states: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """`(model(..., use_lora=True), model(..., use_lora=False))`, computing once what the adapters
-        cannot change: the patch and time embeddings and, when no adapter sits in self-attention (the
-        SPEC targets are text-side only), the first block's self-attention sub-layer."""
-        policy, reference = self._forward(hidden_states, timestep, encoder_hidden_states, (True, False))
-        return policy, reference
-
-    @property
-    def lora_in_self_attention(self) -> bool:
-        """Whether an adapter acts before the first cross-attention (then LoRA on and off differ there)."""
-        prefixes = ("blocks.*.attn1.", "condition_embedder.time_")
-        return self.lora_config is not None and any(p.startswith(prefixes) for p in self.lora_paths)
-
-    def _forward(self, hidden_states: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array,
-                 modes: tuple[bool, ...]) -> list[jax.Array]:
-        """The model's output for each LoRA mode in `modes`, sharing the work the modes have in common."""
         cfg = self.config
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be (batch, channels, frames, height, width), got {hidden_states.shape}")
@@ -283,41 +251,28 @@ class WanTransformer3DModel(nnx.Module):
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
         context = encoder_hidden_states.astype(self.dtype)
         x = self.patch_embedding(hidden_states.astype(self.dtype))
-        graphdef, blocks = nnx.split(self.blocks)
-        share_first = len(modes) > 1 and not self.lora_in_self_attention
-        if share_first:
-            temb6 = self.condition_embedder.time(timestep, self.dtype, use_lora=False)[1].reshape(batch, 6, -1)
-            first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], blocks))
-            x = first.self_attention(x, temb6, rope, self.attention, use_lora=False)
-            blocks = jax.tree.map(lambda a: a[1:], blocks)
+        temb, timestep_proj, context = self.condition_embedder(timestep, context, use_lora)
+        temb6 = timestep_proj.reshape(batch, 6, -1)
 
-        outputs = []
-        for use_lora in modes:
-            temb, timestep_proj, text = self.condition_embedder(timestep, context, use_lora)
-            temb6 = timestep_proj.reshape(batch, 6, -1)
-            h = x
-            if share_first:
-                h = self._remat(lambda h, c, t, block=first, lora=use_lora: block.cross_attention_and_ffn(
-                    h, c, t, self.attention, lora))(h, text, temb6)
-            h = self._run_blocks(graphdef, blocks, h, text, temb6, rope, use_lora)
-            shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None].astype(FP32), 2, axis=1)
-            h = (self.norm_out(h) * (1 + scale) + shift).astype(self.dtype)
-            outputs.append(_unpatchify(self.proj_out(h, use_lora), grid, cfg.patch_size))
-        return outputs
+        x = self._run_blocks(x, context, temb6, rope, use_lora)
 
-    def _remat(self, fn: Callable) -> Callable:
-        if self.remat == "none":
-            return fn
-        return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None].astype(FP32), 2, axis=1)
+        x = (self.norm_out(x) * (1 + scale) + shift).astype(self.dtype)
+        x = self.proj_out(x, use_lora)
+        return _unpatchify(x, grid, cfg.patch_size)
 
-    def _run_blocks(self, graphdef, blocks, x, context, temb6, rope, use_lora: bool) -> jax.Array:
+    def _run_blocks(self, x, context, temb6, rope, use_lora: bool) -> jax.Array:
+        graphdef, state = nnx.split(self.blocks)
         implementation = self.attention
 
         def body(x, block_state):
             block = nnx.merge(graphdef, block_state)
             return block(x, context, temb6, rope, implementation, use_lora), None
 
-        x, _ = jax.lax.scan(self._remat(body), x, blocks, unroll=self.scan_unroll)
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state, unroll=self.scan_unroll)
         return x
 
 

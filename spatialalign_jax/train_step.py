@@ -87,8 +87,8 @@ def pair_loss(model: nnx.Module, batch: Batch, noise: Batch, cfg: StepConfig) ->
     x_t = schedule.add_noise(x0, eps, sigma2)
     t = schedule.timesteps_for(sigma2)
     text2 = jnp.concatenate([text, text])
-    pred, ref = model.policy_and_reference(x_t, t, text2)
-    ref = jax.lax.stop_gradient(ref)
+    pred = model(x_t, t, text2, use_lora=True)
+    ref = jax.lax.stop_gradient(model(x_t, t, text2, use_lora=False))
     target = schedule.velocity_target(x0, eps)
     n = sigma.shape[0]
     return preference_loss(pred[:n], pred[n:], ref[:n], ref[n:], target[:n], target[n:], kind=cfg.kind,

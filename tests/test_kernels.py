@@ -1,6 +1,5 @@
-"""The hand-written differentiation rules: the blockwise attention's backward and the half-precision
-dense product, each against JAX's own derivative of the plain computation; and the shared-prefix
-policy/reference forward against two separate forwards.
+"""The hand-written differentiation rules, the blockwise attention's backward and the half-precision
+dense product, each against JAX's own derivative of the plain computation.
 
 Tolerances: fp32 1e-5 x max |reference|; bf16 2e-2 x max |reference| (operands are rounded to bf16,
 products accumulate in fp32 on both sides).
@@ -12,13 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from spatialalign_jax.attention import attend
-from spatialalign_jax.config import LoraConfig, WanConfig
 from spatialalign_jax.layers import dense
-from spatialalign_jax.lora import LORA
-from spatialalign_jax.model import WanTransformer3DModel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -69,35 +64,35 @@ def test_dense_value_and_gradients(dtype):
         _close(g, r, TOL[dtype])
 
 
-CFG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=12,
-           freq_dim=16, ffn_dim=24, num_layers=3, rope_max_seq_len=32)
+def test_training_gradients_through_blockwise_attention_and_bf16(tmp_path):
+    """The LoRA gradients of a DPO micro-batch with 600 tokens (the blockwise path) equal the XLA-attention
+    ones in fp32 (1e-4 x max), and bf16 compute stays within 5% x max of fp32."""
+    from diffusers import WanTransformer3DModel as TorchWan
+    from flax import nnx
 
+    from spatialalign_jax import load_transformer
+    from spatialalign_jax.config import LoraConfig
+    from spatialalign_jax.lora import BASE, LORA
+    from spatialalign_jax.train_step import StepConfig, make_grad_fn
 
-@pytest.mark.parametrize("targets,remat", [
-    (None, "none"),                                   # the SPEC targets: first self-attention shared
-    (None, "full"),
-    (("blocks.*.attn1.to_q", "blocks.*.attn2.to_k"), "none"),  # an adapter in self-attention: no sharing
-])
-def test_policy_and_reference_equal_two_forwards(targets, remat):
-    lora = LoraConfig(rank=2, alpha=4.0) if targets is None else LoraConfig(rank=2, alpha=4.0, targets=targets)
-    model = WanTransformer3DModel(WanConfig.from_diffusers(CFG), lora=lora, attention="blockwise", remat=remat,
-                                  rngs=nnx.Rngs(0))
-    assert model.lora_in_self_attention == (targets is not None)
-    nnx.update(model, jax.tree.map(lambda v: v + 0.05, nnx.state(model, LORA)))  # adapters that act
-    x = jax.random.normal(jax.random.key(0), (2, 4, 3, 4, 6))
-    t = jnp.array([10.0, 900.0])
-    ctx = jax.random.normal(jax.random.key(1), (2, 5, 12))
-    policy, reference = model.policy_and_reference(x, t, ctx)
-    np.testing.assert_allclose(policy, model(x, t, ctx, use_lora=True), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(reference, model(x, t, ctx, use_lora=False), rtol=1e-5, atol=1e-6)
-    assert np.abs(np.asarray(policy) - np.asarray(reference)).max() > 1e-4
+    import torch
+    torch.manual_seed(0)
+    TorchWan(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=16,
+             freq_dim=16, ffn_dim=48, num_layers=2, rope_max_seq_len=32).save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    lat = lambda: rng.standard_normal((1, 1, 4, 5, 20, 24)).astype(np.float32)  # noqa: E731  600 tokens
+    batch = dict(latents_w=lat(), latents_l=lat(), eps_w=lat(), eps_l=lat(),
+                 text_emb=rng.standard_normal((1, 1, 5, 16)).astype(np.float32),
+                 sigma=np.full((1, 1), 0.6, np.float32))
 
-    def loss(m, joint):
-        p, r = m.policy_and_reference(x, t, ctx) if joint else (m(x, t, ctx), m(x, t, ctx, use_lora=False))
-        return jnp.mean((p - jax.lax.stop_gradient(r)) ** 2 + p ** 2)
+    def grads(attention, dtype):
+        model = load_transformer(tmp_path, attention=attention, dtype=dtype, lora=LoraConfig(rank=4, alpha=8.0))
+        lora = jax.tree.map(lambda v: v + 0.05, nnx.state(model, LORA))  # B != 0: every adapter has a gradient
+        fn = jax.jit(make_grad_fn(nnx.split(model, BASE, LORA)[0], StepConfig()))
+        return jax.tree.leaves(fn(lora, nnx.state(model, BASE), batch, jax.random.key(0))[0])
 
-    diff = nnx.DiffState(0, LORA)
-    g_joint = nnx.grad(lambda m: loss(m, True), argnums=diff)(model)
-    g_two = nnx.grad(lambda m: loss(m, False), argnums=diff)(model)
-    for a, b in zip(jax.tree.leaves(g_joint), jax.tree.leaves(g_two)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    ref = grads("xla", "float32")
+    for got, tol in ((grads("blockwise", "float32"), 1e-4), (grads("blockwise", "bfloat16"), 5e-2)):
+        for g, r in zip(got, ref):
+            assert g.dtype == jnp.float32  # LoRA weights and their gradients stay fp32
+            _close(g, r, tol)
