@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -218,12 +219,24 @@ def test_bad_inputs(tmp_path):
         RunCheckpointer(tmp_path, keep=0)
 
 
+def _signal_main_thread(signum: int) -> None:
+    # To the main thread itself: a process-directed signal may land on one of JAX's or torch's threads,
+    # and the main thread then sees it only at some later bytecode.
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the Python handler runs between bytecodes of the main thread
+
+
 def test_sigterm_guard_sets_a_flag():
     before = signal.getsignal(signal.SIGTERM)
     with SigtermGuard() as guard:
         assert not guard.requested and not guard.should_stop()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        _signal_main_thread(signal.SIGTERM)
+        _wait_for(lambda: guard.requested)
         assert guard.requested and guard.signal_name == "SIGTERM" and guard.should_stop()
     assert signal.getsignal(signal.SIGTERM) == before
 
@@ -231,9 +244,9 @@ def test_sigterm_guard_sets_a_flag():
 def test_second_sigint_interrupts():
     with pytest.raises(KeyboardInterrupt):
         with SigtermGuard() as guard:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            _signal_main_thread(signal.SIGINT)
+            _wait_for(lambda: guard.requested)
             assert guard.requested
-            os.kill(os.getpid(), signal.SIGINT)  # a repeated Ctrl-C stops for real
-            time.sleep(0.5)
+            _signal_main_thread(signal.SIGINT)  # a repeated Ctrl-C stops for real
+            _wait_for(lambda: False, timeout=5.0)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
