@@ -58,18 +58,18 @@ def lora_step_flops(cfg: dict, pairs: int, latent_fhw: tuple[int, int, int], tex
 
 
 def torch_wan(cfg: dict, dtype: str = "float32", seed: int = 0):
-    """A random diffusers `WanTransformer3DModel` in `dtype`, keeping diffusers' fp32 modules in fp32
-    (`_keep_in_fp32_modules`, as `from_pretrained(torch_dtype=...)` does)."""
+    """A random diffusers `WanTransformer3DModel` in `dtype`, tensors of `_keep_in_fp32_modules` left
+    in fp32 by the rule of diffusers' loader (a path item equal to a listed name), as
+    `from_pretrained(torch_dtype=...)` leaves them."""
     import torch
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**cfg)
-    if dtype != "float32":
-        model = model.to(getattr(torch, dtype))
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and any(m in name for m in model._keep_in_fp32_modules):
-                t.data = t.data.float()
+    keep = model._keep_in_fp32_modules or []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not any(m in name.split(".") for m in keep):
+            t.data = t.data.to(getattr(torch, dtype))
     return model
 
 

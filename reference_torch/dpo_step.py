@@ -158,7 +158,8 @@ class TorchDpoStep:
         )
         self._lora_params = {self._peft_name(n): p for n, p in transformer.named_parameters() if "lora_" in n}
         for p in self._lora_params.values():
-            # Adapter weights in fp32 under a half-precision base, as PEFT's `autocast_adapter_dtype`.
+            # Adapter weights in fp32 under a half-precision base (diffusers' training scripts do the
+            # same with `cast_training_params(..., torch.float32)`); `add_adapter` leaves the base dtype.
             p.data = p.data.float()
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self._lora_params.values()), lr=lr, betas=betas, eps=eps,

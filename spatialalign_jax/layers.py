@@ -45,9 +45,10 @@ _half_dense.defvjp(_half_dense_fwd, _half_dense_bwd)
 def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x @ kernel` over the last axis of `x`.
 
-    XLA:CPU multiplies bf16/fp16 at twice the fp32 rate only when the product is asked for in fp32
-    (otherwise it upcasts first and runs at the fp32 rate), so there half-precision inputs give an fp32
-    result, accumulated in fp32 as on a GPU, where the product keeps the input dtype.
+    XLA:CPU multiplies bf16 at twice the fp32 rate only when the product is asked for in fp32
+    (otherwise it upcasts first and runs at the fp32 rate), so on CPU half-precision inputs give an
+    fp32 result, accumulated in fp32 as a GPU does; on other backends the product keeps the input dtype.
+    (fp16 takes the same path; it is exact but not faster on CPUs without native fp16 products.)
     """
     if x.dtype in HALF and kernel.dtype == x.dtype and jax.default_backend() == "cpu":
         return _half_dense(x, kernel)
