@@ -242,11 +242,17 @@ def test_sigterm_guard_sets_a_flag():
 
 
 def test_second_sigint_interrupts():
-    with pytest.raises(KeyboardInterrupt):
-        with SigtermGuard() as guard:
-            _signal_main_thread(signal.SIGINT)
-            _wait_for(lambda: guard.requested)
-            assert guard.requested
-            _signal_main_thread(signal.SIGINT)  # a repeated Ctrl-C stops for real
-            _wait_for(lambda: False, timeout=5.0)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The guard hands a second signal to the handler it found; a job started in the background by a
+    # non-interactive shell finds SIGINT ignored, so give it Python's default one to find.
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with SigtermGuard() as guard:
+                _signal_main_thread(signal.SIGINT)
+                _wait_for(lambda: guard.requested)
+                assert guard.requested
+                _signal_main_thread(signal.SIGINT)  # a repeated Ctrl-C stops for real
+                _wait_for(lambda: False, timeout=5.0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)
