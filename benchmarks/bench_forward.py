@@ -56,10 +56,10 @@ def one_jax(size: str, attention: str, repeats: int, cfg: dict = MID, dtype: str
 
 def one_torch(size: str, repeats: int) -> dict:
     import torch
-    from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**MID).eval()
+    from benchmarks.common import torch_wan
+
+    model = torch_wan(MID).eval()
     x, t, ctx = (torch.from_numpy(a) for a in _inputs(MID, SIZES[size], BATCH))
     base = peak_rss_mib()  # before any forward: the growth is the forward's activations
     with torch.no_grad():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoring.detect import GroundingDinoDetector  # noqa: E402
 from scoring.track import TransformersSam2Tracker  # noqa: E402
+from spatialalign_jax.atomic import write_text_atomic  # noqa: E402
 
 HEIGHT, WIDTH = 480, 832
 RESULTS = Path(__file__).with_name("results") / "scoring.json"
@@ -154,9 +155,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(args.out.read_text()) if args.out.is_file() else {}
     records[f"{args.device.split(':')[0]}-{result['dtype']}"] = result
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(records, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, json.dumps(records, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("train_step_full_1.3b" if args.full else "train_step",
                          {"config": WAN_1_3B if args.full else MID, "pairs": PAIRS, "text_len": TEXT_LEN,
                           "rounds": 1 if args.full else args.rounds, "repeats": args.repeats, "rows": rows})
+    for r in rows:
+        if r.get("mfu") is not None:
+            print(f"{r['framework']} {r['size']}: model FLOPs utilisation {100 * r['mfu']:.1f}% of the card's bf16 peak")
     print(f"written to {path}")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -13,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scoring.dsr import CORRECTNESS_TAUS, DSR_TYPES, HEADLINE_TAU, correctness_curve
-from spatialalign_jax.store import Status, write_text_atomic
+from spatialalign_jax.atomic import atomic_path, write_text_atomic
+from spatialalign_jax.store import Status
 
 
 def status_counts(status: Sequence[int] | np.ndarray) -> dict[str, int]:
@@ -73,16 +73,8 @@ def plot_correctness(curves: Mapping[str, Mapping[float, float]], path: str | os
 
 
 def save_figure_atomic(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_safe(x: Any) -> Any:

@@ -7,12 +7,13 @@ may themselves contain underscores, so a name is resolved against the known prom
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Collection
 
 import av
 import numpy as np
+
+from spatialalign_jax.atomic import atomic_path
 
 DEFAULT_FPS = 16  # Wan2.1's frame rate
 
@@ -70,24 +71,14 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = DEFAULT_
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for f in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def video_name(prompt_id: str, seed: int) -> str:

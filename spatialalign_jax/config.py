@@ -6,8 +6,6 @@ Field names follow diffusers' `WanTransformer3DModel` config so a `config.json` 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 # diffusers config keys that belong to image-to-video / Wan2.2 variants this model does not build.
@@ -81,11 +79,6 @@ class WanConfig:
         d.update({"_class_name": "WanTransformer3DModel", "image_dim": None, "added_kv_proj_dim": None,
                   "pos_embed_seq_len": None})
         return d
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "WanConfig":
-        with open(path) as f:
-            return cls.from_diffusers(json.load(f))
 
 
 # Module paths (diffusers naming; `*` stands for every block) that get LoRA by default: SPEC section 5.

@@ -54,10 +54,6 @@ class PairTable:
     prompts: np.ndarray  # (U,) int64 store prompt indices
     pairs: tuple[np.ndarray, ...]  # U arrays (n_p, 2) int64: columns winner, loser
 
-    @property
-    def num_pairs(self) -> int:
-        return int(sum(len(p) for p in self.pairs))
-
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for p, pairs in zip(self.prompts, self.pairs):

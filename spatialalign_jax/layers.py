@@ -67,15 +67,15 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, lora: LoraConfig | None = None,
-                 lora_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, lora: LoraConfig | None = None):
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         self.kernel = nnx.Param(_uniform(rngs.params(), (in_features, out_features), bound, param_dtype))
         self.bias = nnx.Param(_uniform(rngs.params(), (out_features,), bound, param_dtype))
         self.dtype = dtype
         if lora is not None:
-            self.lora_A = nnx.LoRAParam(_uniform(rngs.params(), (in_features, lora.rank), bound, lora_dtype))
-            self.lora_B = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), lora_dtype))
+            # fp32 whatever the base dtype: the trained weights and their optimiser state
+            self.lora_A = nnx.LoRAParam(_uniform(rngs.params(), (in_features, lora.rank), bound, jnp.float32))
+            self.lora_B = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32))
             self.lora_scale = lora.scale
         else:
             self.lora_A = self.lora_B = None

@@ -94,7 +94,7 @@ def preference_loss(
     check_kind(kind)
     e_w = per_sample_mse(pred_w, target_w)
     if kind == "sft":
-        loss = flow_matching_loss(pred_w, target_w)
+        loss = jnp.mean(e_w)
         return loss, {"loss": loss, "loss_sft": loss, "e_w": loss}
 
     missing = [n for n, a in (("pred_l", pred_l), ("ref_w", ref_w), ("ref_l", ref_l), ("target_l", target_l))

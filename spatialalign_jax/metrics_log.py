@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tb"
@@ -87,14 +88,7 @@ def _truncate(path: Path, resume_step: int) -> int:
             kept.append(line)
     if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
         return 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 

@@ -107,9 +107,6 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        return step % self.save_every == 0 and step not in self._manager.all_steps()
-
     # -- saving -------------------------------------------------------------------------------------
 
     def save(self, step: int, lora: Any, opt_state: Any, meta: Mapping[str, Any] | None = None, *,

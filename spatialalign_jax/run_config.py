@@ -24,7 +24,6 @@ import dataclasses
 import inspect
 import json
 import os
-import tempfile
 import types
 import typing
 import warnings
@@ -34,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .atomic import write_text_atomic
 from .config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
 from .data import TAU_TRAIN
 from .losses import check_kind
@@ -183,7 +183,7 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
-    prefetch: int = 2  # batches read ahead in a background thread
+    prefetch: int = 2  # optimiser steps' worth of batches read ahead in a background thread
 
     def validate(self) -> None:
         for name in ("steps", "per_device_batch", "grad_accum", "checkpoint_every", "keep_checkpoints",
@@ -311,16 +311,7 @@ class RunConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Writes the config as YAML atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_yaml())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.to_yaml())
 
     def diff(self, other: "RunConfig") -> list[str]:
         """``"key: this -> other"`` for every dotted field that differs (e.g. to report on resume)."""

@@ -280,7 +280,7 @@ def denoise(model: WanTransformer3DModel, latents: Any, text_emb: Any, neg_emb: 
     if cfg:
         neg = jnp.asarray(neg_emb, jnp.float32)
         neg = _put(neg, mesh, batched=neg.ndim == 3)
-    put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: jax.device_put(a, replicated(mesh)))
+    put = lambda a: _put(a, mesh, batched=False)  # noqa: E731
     return _denoise(graphdef, state, x, text, neg, put(plan.timesteps), {k: put(v) for k, v in plan.coeffs.items()},
                     put(np.float32(guidance)), solver=solver, cfg=cfg, use_lora=bool(use_lora),
                     sharding=None if mesh is None else batch_sharding(mesh, 5))

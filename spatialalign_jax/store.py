@@ -42,13 +42,14 @@ from __future__ import annotations
 import enum
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
+
+from .atomic import write_text_atomic
 
 LAYOUT_VERSION = 1
 STORE_JSON = "store.json"
@@ -186,23 +187,6 @@ def _zarr3_metadata(spec: _ArraySpec) -> dict[str, Any]:
         "fill_value": spec.fill_value,
         "codecs": codecs,
     }
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes through a synced temp file and os.replace: readers see the old or the new file, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from . import schedule
 from .losses import check_kind, preference_loss
 from .lora import BASE, LORA
+from .sharding import replicated
 
 Batch = Mapping[str, jax.Array]
 NOISE_KEYS = ("eps_w", "eps_l", "sigma")
@@ -112,22 +113,14 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
                              "(then the step draws them from its key)")
         keys = jax.random.split(key, accum)
 
-        def body(carry, xs):
-            grads, metrics = carry
+        def body(grads, xs):
             mb, nz, k = xs
             noise = nz if nz else draw_noise(k, mb["latents_w"], cfg)
-            (_, m), g = value_and_grad(lora, base, mb, noise)
-            add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (add(grads, g), add(metrics, m)), None
+            (_, metrics), g = value_and_grad(lora, base, mb, noise)
+            return jax.tree.map(jnp.add, grads, g), metrics
 
-        zeros_g = jax.tree.map(jnp.zeros_like, lora)
-        shapes = jax.eval_shape(lambda: micro(lora, base, jax.tree.map(lambda v: v[0], data),
-                                              {k: v[0] for k, v in given.items()} if given
-                                              else draw_noise(keys[0], data["latents_w"][0], cfg))[1])
-        zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (data, given, keys))
-        scale = lambda t: jax.tree.map(lambda v: v / accum, t)
-        return scale(grads), scale(metrics)
+        grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, lora), (data, given, keys))
+        return jax.tree.map(lambda g: g / accum, grads), jax.tree.map(lambda m: m.mean(0), metrics)
 
     return grads_and_metrics
 
@@ -137,22 +130,24 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     """LoRA weights, AdamW state and step; replicated over the mesh (the LoRA rule in `sharding`)."""
     lora = nnx.state(model, LORA)
     state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}
-    return state if mesh is None else jax.device_put(state, NamedSharding(mesh, P()))
+    return state if mesh is None else jax.device_put(state, replicated(mesh))
 
 
 def make_train_step(model: nnx.Module, cfg: StepConfig, optimizer: optax.GradientTransformation,
                     mesh: Mesh | None = None) -> Callable:
     """A jitted `(state, base, batch, key) -> (state, metrics)`; `state` is donated.
 
-    `batch` arrays have a leading micro-batch axis (grad accumulation) then the pair axis, which is
-    split over the mesh's data axes. With a mesh, the model's activations are pinned batch-sharded.
+    `batch` arrays have a leading micro-batch axis (grad accumulation) then the pair axis, which arrives
+    split over the mesh's data axes (`sharding.microbatch_sharding`); XLA carries that split through the
+    model. `key` is the run's key: each step folds in its own step number, so a resumed run draws the
+    same noise without the caller deriving a key per step.
     """
     graphdef, _, _ = nnx.split(model, BASE, LORA)
     grad_fn = make_grad_fn(graphdef, cfg)
     schedule_fn = lr_schedule(cfg)
 
     def step(state, base, batch, key):
-        grads, metrics = grad_fn(state["lora"], base, batch, key)
+        grads, metrics = grad_fn(state["lora"], base, batch, jax.random.fold_in(key, state["step"]))
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
         lora = optax.apply_updates(state["lora"], updates)
         metrics = {**metrics, "lr": schedule_fn(state["step"]), "grad_norm": optax.tree.norm(grads)}
@@ -160,5 +155,4 @@ def make_train_step(model: nnx.Module, cfg: StepConfig, optimizer: optax.Gradien
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated(mesh), replicated(mesh)))

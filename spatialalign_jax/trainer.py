@@ -95,22 +95,14 @@ def _check_resumable(rc: RunConfig, meta: dict[str, Any], pairs_per_micro_step: 
             f"{rc.run.dir} holds a checkpoint trained with {saved_pairs} pairs per micro-step (devices x "
             f"train.per_device_batch), this run has {pairs_per_micro_step}; resume on as many devices, or use a "
             "new run.dir")
-    saved = RunConfig.from_dict(meta["config"]).to_dict() if "config" in meta else None
-    if saved is None:
+    if "config" not in meta:
         return
-    now = rc.to_dict()
-
-    def get(d, key):
-        for part in key.split("."):
-            d = d.get(part) if isinstance(d, dict) else None
-        return d
-
-    changed = [k for k in _RESUME_KEYS if get(saved, k) != get(now, k)]
+    changed = [line for line in RunConfig.from_dict(meta["config"]).diff(rc)
+               if any(line.startswith((k + ":", k + ".")) for k in _RESUME_KEYS)]
     if changed:
         raise ValueError(
-            f"{rc.run.dir} holds a checkpoint of a run with other settings ({', '.join(changed)}: e.g. "
-            f"{changed[0]}={get(saved, changed[0])!r} there, {get(now, changed[0])!r} now); resuming would not "
-            "continue that run. Use a new run.dir, or the original settings")
+            f"{rc.run.dir} holds a checkpoint of a run with other settings ({'; '.join(changed)}, there -> now); "
+            "resuming would not continue that run. Use a new run.dir, or the original settings")
 
 
 def _export_lora(rc: RunConfig, model: WanTransformer3DModel, lora_state, step: int) -> Path:
@@ -164,11 +156,11 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     bar = ProgressBar(total=rc.train.steps, initial=start, enabled=progress and chief)
     summary: dict[str, Any] = {"step": start}
     try:
-        with SigtermGuard() as guard, sampler.prefetch(rc.train.prefetch) as batches:
+        with SigtermGuard() as guard, sampler.prefetch(rc.train.prefetch * accum) as batches:
             for step in range(start, rc.train.steps):
                 t0 = time.perf_counter()
                 batch = _global_batch([next(batches) for _ in range(accum)], mesh, accum)
-                state, metrics = step_fn(state, base, batch, jax.random.fold_in(key, step))
+                state, metrics = step_fn(state, base, batch, key)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise NonFiniteLoss(
@@ -183,8 +175,7 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                 bar.update(done, metrics)
                 summary = {"step": done, **metrics}
                 stop = guard.should_stop()
-                if done % rc.train.checkpoint_every == 0 or done == rc.train.steps or stop:
-                    save(done, force=True)
+                save(done, force=done == rc.train.steps or stop)  # else every train.checkpoint_every
                 if stop:
                     log.warning("signal received: saved step %d and stopped", done)
                     break

@@ -119,7 +119,6 @@ def test_save_every_keep_last_k_and_resume(tmp_path):
         assert ck.save(43, jax.tree.map(lambda x: x + 43, lora), opt_state, {"s": 43}, force=True)  # e.g. SIGTERM
         ck.wait()
         assert ck.all_steps() == [40, 43]
-        assert ck.should_save(50) and not ck.should_save(51) and not ck.should_save(40)
     on_disk = sorted(int(p.name) for p in (tmp_path / CHECKPOINT_SUBDIR).iterdir() if p.name.isdigit())
     assert on_disk == [40, 43]
     with RunCheckpointer(tmp_path, keep=2, save_every=10) as ck:  # a restarted run resumes from the latest

@@ -82,7 +82,7 @@ def test_kill_and_resume_continues_with_the_same_losses(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved >= 5 and saved % 5 == 0
+    assert 5 <= saved < 30 and saved % 5 == 0, "the kill came too late to leave steps to resume"
     _run_train(run, "--set", "train.checkpoint_every=5")
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, 31))
