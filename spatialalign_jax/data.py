@@ -222,13 +222,9 @@ class PairSampler:
         p, w, lo = self.local_indices(step, table)
         lat = self.store.array("latents")
         futures = [lat[int(a), int(b)].read() for a, b in zip(np.concatenate([p, p]), np.concatenate([w, lo]))]
-        D, L = self.store.text_dim, self.max_text_len
-        text = np.zeros((len(p), L, D), np.float32)
-        text_len = np.zeros(len(p), np.int32)
-        for i, prompt in enumerate(p):
-            rows = self.store.read_text_embedding(int(prompt))
-            text[i, :len(rows)] = rows
-            text_len[i] = len(rows)
+        # usable prompts fit max_text_len (checked when the labels are read)
+        text = self.store.read_text_embeddings([int(x) for x in p], self.max_text_len)
+        text_len = self.store.read_text_lengths()[p].astype(np.int32)
         latents = np.stack([np.asarray(f.result(), np.float32) for f in futures])
         n = len(p)
         return {

@@ -426,6 +426,17 @@ class Store:
         n = int(self._arrays["text_len"][p].read().result())
         return np.asarray(self._text_view("text_emb")[p, :n].read().result())
 
+    def read_text_embeddings(self, ps: Sequence[int], length: int) -> np.ndarray:
+        """Several prompts' rows at once, (len(ps), length, D) float32, zero past each prompt's length
+        (rows are stored zero-padded); the reads run concurrently."""
+        view = self._text_view("text_emb")
+        futures = [view[self._check_p(p), :min(length, self.max_text_len)].read() for p in ps]
+        out = np.zeros((len(futures), length, self.text_dim), np.float32)
+        for i, f in enumerate(futures):
+            rows = f.result()
+            out[i, :len(rows)] = rows
+        return out
+
     def read_text_lengths(self) -> np.ndarray:
         """(P,) int32 token counts; 0 = not encoded yet."""
         return np.asarray(self._arrays["text_len"].read().result())
