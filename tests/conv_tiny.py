@@ -99,3 +99,22 @@ def torch_forward(model, x, t, ctx) -> np.ndarray:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+def assert_same_arrays(got, want) -> None:
+    """Same names, and bit-equal values once both sides are float32."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
+
+
+def original_lora_names(sd, factors=("lora_A", "lora_B"), adapter=""):
+    """A diffusers-named LoRA state dict renamed to original-Wan module names (DiffSynth/Kohya layouts)."""
+    from converters import layouts
+
+    out = {}
+    for k, v in sd.items():
+        module, factor = k.rsplit(".lora_", 1)
+        factor = factors[0] if factor.startswith("A") else factors[1]
+        out[f"{layouts.diffusers_to_original_name(module)}.{factor}{adapter}.weight"] = v
+    return out

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from converters import io, layouts, to_diffusers, to_flax
-from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, inputs, save_diffusers_lora,
-                       state_dict_numpy, tiny_transformer, torch_forward, write_json)
+from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, assert_same_arrays, inputs,
+                       original_lora_names, save_diffusers_lora, state_dict_numpy, tiny_transformer, torch_forward,
+                       write_json)
 
 RTOL = 1e-4
 
@@ -36,10 +37,8 @@ def _read(ckpt):
     return read_checkpoint(ckpt)
 
 
-def _assert_same_arrays(got, want):
-    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
-    for k in want:
-        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
+def _tensors(sd):
+    return {k: torch.from_numpy(v) for k, v in sd.items()}
 
 
 def _no_leftovers(folder, keep=()):
@@ -78,7 +77,7 @@ def test_export_round_trip(work, tmp_path):
 
     assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "out")]) == 0
     out = tmp_path / "out" / "pytorch_lora_weights.safetensors"
-    _assert_same_arrays({k: v.numpy() for k, v in load_file(out).items()}, load_file(work["lora_file"]))
+    assert_same_arrays({k: v.numpy() for k, v in load_file(out).items()}, load_file(work["lora_file"]))
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
@@ -93,8 +92,8 @@ def test_export_round_trip(work, tmp_path):
     assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "again"), "--lora", str(out)]) == 0
     _, base1, lora1 = _read(work["ckpt"])
     _, base2, lora2 = _read(tmp_path / "again")
-    _assert_same_arrays(lora2, lora1)
-    _assert_same_arrays(base2, base1)
+    assert_same_arrays(lora2, lora1)
+    assert_same_arrays(base2, base1)
 
 
 @pytest.mark.parametrize("shard", [None, "30KB"])
@@ -108,20 +107,11 @@ def test_merge_equals_unmerged(work, tmp_path, shard):
     assert _rel_err(torch_forward(merged, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-5
 
 
-def _original_lora_names(sd, factors=("lora_A", "lora_B"), adapter=""):
-    out = {}
-    for k, v in sd.items():
-        module, factor = k.rsplit(".lora_", 1)
-        factor = factors[0] if factor.startswith("A") else factors[1]
-        out[f"{layouts.diffusers_to_original_name(module)}.{factor}{adapter}.weight"] = torch.from_numpy(v)
-    return out
-
-
 def test_diffsynth_and_original_lora_layouts_give_the_same_model(work, tmp_path):
     _, _, want = _read(work["ckpt"])
-    diffsynth = _original_lora_names(work["lora_sd"], adapter=".default")
+    diffsynth = original_lora_names(_tensors(work["lora_sd"]), adapter=".default")
     save_file(diffsynth, tmp_path / "diffsynth.safetensors")
-    kohya = {f"diffusion_model.{k}": v for k, v in _original_lora_names(work["lora_sd"], ("lora_down", "lora_up")).items()}
+    kohya = {f"diffusion_model.{k}": v for k, v in original_lora_names(_tensors(work["lora_sd"]), ("lora_down", "lora_up")).items()}
     kohya.update({k.replace(".lora_down.weight", ".alpha"): torch.tensor(8.0) for k in list(kohya) if "lora_down" in k})
     save_file(kohya, tmp_path / "kohya.safetensors")
     cases = {"diffsynth": ["--lora", str(tmp_path / "diffsynth.safetensors"), "--lora-alpha", "8"],
@@ -130,7 +120,7 @@ def test_diffsynth_and_original_lora_layouts_give_the_same_model(work, tmp_path)
         assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / name)] + extra) == 0
         meta, _, got = _read(tmp_path / name)
         assert (meta["lora"]["rank"], meta["lora"]["alpha"]) == (4, 8.0), name
-        _assert_same_arrays(got, want)
+        assert_same_arrays(got, want)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
@@ -141,7 +131,7 @@ def test_pickled_lora(work, tmp_path, suffix):
     argv = ["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "ck"), "--lora", str(tmp_path / f"lora{suffix}"),
             "--lora-alpha", "8"]
     assert to_flax.main(argv) == 0
-    _assert_same_arrays(_read(tmp_path / "ck")[2], want)
+    assert_same_arrays(_read(tmp_path / "ck")[2], want)
 
 
 def test_original_layout_base_gives_the_same_model(work, tmp_path):
@@ -157,7 +147,7 @@ def test_original_layout_base_gives_the_same_model(work, tmp_path):
         assert to_flax.main(argv + ["--dst", str(tmp_path / f"ck_{name}")]) == 0
         meta, got, _ = _read(tmp_path / f"ck_{name}")
         assert meta["lora"] is None
-        _assert_same_arrays(got, want)
+        assert_same_arrays(got, want)
 
 
 def test_bfloat16_storage(work, tmp_path):
@@ -349,7 +339,7 @@ def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
     save_checkpoint(tmp_path / "lora_only", WanConfig.from_diffusers(meta["config"]), None,
                     lora_config_from_meta(meta), lora)
     assert to_diffusers.main(["--src", str(tmp_path / "lora_only"), "--dst", str(tmp_path / "x.safetensors")]) == 0
-    _assert_same_arrays({k: v.numpy() for k, v in load_file(tmp_path / "x.safetensors").items()},
+    assert_same_arrays({k: v.numpy() for k, v in load_file(tmp_path / "x.safetensors").items()},
                         load_file(work["lora_file"]))
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "lora_only"), "--merge"], "LoRA weights only", cli=to_diffusers)
     # --merge into the base it names: --base, or the base path a training run records in its meta

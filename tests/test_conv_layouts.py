@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from converters import io, layouts
-from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, peft_lora_state_dict,
-                       save_diffusers_lora, state_dict_numpy, tiny_transformer, write_json)
+from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, assert_same_arrays, original_lora_names,
+                       peft_lora_state_dict, save_diffusers_lora, state_dict_numpy, tiny_transformer, write_json)
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,6 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_sd(tiny):
     return state_dict_numpy(tiny)
-
-
-def _assert_same_tensors(got, want):
-    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
-    for k in want:
-        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
 
 
 def _delta(a, b, scale):
@@ -48,10 +42,10 @@ def test_original_layout_matches_diffusers_converter(tiny_sd):
             "text_embedding.2.bias", "blocks.0.ffn.0.weight"} <= set(original)
     # diffusers' converter turns our original layout back into exactly the model's state dict ...
     ref = convert_wan_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()})
-    _assert_same_tensors(ref, tiny_sd)
+    assert_same_arrays(ref, tiny_sd)
     # ... and so does ours, with any of the wrapper prefixes.
     for prefix in ("", "model.diffusion_model.", "diffusion_model."):
-        _assert_same_tensors(layouts.original_to_diffusers({prefix + k: v for k, v in original.items()}), tiny_sd)
+        assert_same_arrays(layouts.original_to_diffusers({prefix + k: v for k, v in original.items()}), tiny_sd)
 
 
 def test_original_layout_unknown_key_is_named(tiny_sd):
@@ -88,13 +82,13 @@ def test_read_diffusers_folder_single_and_sharded(tiny, tiny_sd, tmp_path):
         base = io.read_base(tmp_path / name)
         assert base.layout == "diffusers" and base.dtype == "float32"
         assert base.config["num_attention_heads"] == TINY_CONFIG["num_attention_heads"]
-        _assert_same_tensors(base.state_dict, tiny_sd)
+        assert_same_arrays(base.state_dict, tiny_sd)
 
 
 def test_read_pipeline_folder_uses_transformer_subfolder(tiny, tiny_sd, tmp_path):
     tiny.save_pretrained(tmp_path / "pipe" / "transformer")
     write_json(tmp_path / "pipe" / "model_index.json", {"_class_name": "WanPipeline"})
-    _assert_same_tensors(io.read_base(tmp_path / "pipe").state_dict, tiny_sd)
+    assert_same_arrays(io.read_base(tmp_path / "pipe").state_dict, tiny_sd)
 
 
 def test_missing_shard_is_named(tiny, tmp_path):
@@ -123,13 +117,13 @@ def test_read_original_folder_file_and_pickle(tiny_sd, tmp_path):
     assert base.layout == "original"
     assert {k: base.config[k] for k in TINY_CONFIG if k != "patch_size"} == \
         {k: v for k, v in TINY_CONFIG.items() if k != "patch_size"}
-    _assert_same_tensors(base.state_dict, tiny_sd)
+    assert_same_arrays(base.state_dict, tiny_sd)
 
     # A bare .pth with ComfyUI's prefix, config given separately.
     torch.save({"state_dict": {f"model.diffusion_model.{k}": v for k, v in original.items()}}, tmp_path / "w.pth")
     base = io.read_base(tmp_path / "w.pth", config_path=folder / "config.json")
     assert base.layout == "original"
-    _assert_same_tensors(base.state_dict, tiny_sd)
+    assert_same_arrays(base.state_dict, tiny_sd)
 
 
 def test_bf16_stays_bf16(tiny_sd, tmp_path):
@@ -170,29 +164,20 @@ def test_diffusers_lora_file_keeps_alpha(peft_lora):
     assert (lora.layout, lora.rank, lora.alpha, lora.alpha_source) == (layouts.LAYOUT_DIFFUSERS, 4, 8.0, "adapter metadata")
     # Same tensors as diffusers' own reader of the file.
     ref = WanPipeline.lora_state_dict(str(path))
-    _assert_same_tensors(lora.weights, {k.removeprefix("transformer."): v.numpy() for k, v in ref.items()})
-    _assert_same_tensors(lora.weights, sd)
+    assert_same_arrays(lora.weights, {k.removeprefix("transformer."): v.numpy() for k, v in ref.items()})
+    assert_same_arrays(lora.weights, sd)
     assert lora.targets == ("blocks.*.attn2.to_k", "blocks.*.attn2.to_v", "condition_embedder.text_embedder.linear_1",
                             "condition_embedder.text_embedder.linear_2")
 
 
-def _original_names(sd, factor_names=("lora_A", "lora_B"), adapter=""):
-    out = {}
-    for k, v in sd.items():
-        module, factor = k.rsplit(".lora_", 1)
-        factor = factor_names[0] if factor.startswith("A") else factor_names[1]
-        out[f"{layouts.diffusers_to_original_name(module)}.{factor}{adapter}.weight"] = v
-    return out
-
-
 def test_diffsynth_layout_equals_diffusers_layout(peft_lora, tmp_path):
     _, sd = peft_lora
-    diffsynth = _original_names(sd, adapter=".default")
+    diffsynth = original_lora_names(sd, adapter=".default")
     assert "blocks.0.cross_attn.k.lora_A.default.weight" in diffsynth
     save_file({k: torch.from_numpy(v) for k, v in diffsynth.items()}, tmp_path / "ds.safetensors")
     lora = io.read_lora(tmp_path / "ds.safetensors", alpha=8.0)
     assert (lora.layout, lora.rank, lora.alpha) == (layouts.LAYOUT_ORIGINAL, 4, 8.0)
-    _assert_same_tensors(lora.weights, sd)
+    assert_same_arrays(lora.weights, sd)
 
 
 def test_kohya_layout_matches_diffusers_conversion(peft_lora, tmp_path):
@@ -201,7 +186,7 @@ def test_kohya_layout_matches_diffusers_conversion(peft_lora, tmp_path):
 
     _, sd = peft_lora
     kohya = {f"diffusion_model.{k}": torch.from_numpy(v)
-             for k, v in _original_names(sd, ("lora_down", "lora_up")).items()}
+             for k, v in original_lora_names(sd, ("lora_down", "lora_up")).items()}
     # Per-module alphas, one of them different, so folding into a common alpha is exercised. diffusers'
     # converter accepts no alpha on the text embedder: those modules run at scale 1 there and here.
     for k in list(kohya):
@@ -250,10 +235,10 @@ def test_no_alpha_means_alpha_equals_rank_and_says_so(peft_lora, tmp_path, caplo
 @pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
 def test_pickled_lora(peft_lora, tmp_path, suffix):
     _, sd = peft_lora
-    wrapped = {"state_dict": _original_names({k: torch.from_numpy(v) for k, v in sd.items()}, adapter=".default")}
+    wrapped = {"state_dict": original_lora_names({k: torch.from_numpy(v) for k, v in sd.items()}, adapter=".default")}
     torch.save(wrapped, tmp_path / f"lora{suffix}")
     lora = io.read_lora(tmp_path / f"lora{suffix}", alpha=8.0)
-    _assert_same_tensors(lora.weights, sd)
+    assert_same_arrays(lora.weights, sd)
 
 
 def test_unknown_lora_layouts_list_keys_and_accepted_layouts():
