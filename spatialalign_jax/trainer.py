@@ -147,8 +147,13 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     key = jax.random.key(rc.train.seed)
     accum = rc.train.grad_accum
 
+    # The next step's batch is read before this step's metrics come back (see the loop), so the sampler
+    # runs ahead of the step being saved: its state is stated per optimiser step instead.
+    sampler_start = sampler.step
+
     def save(step: int, force: bool = False) -> None:
-        meta = {"step": step, "sampler": sampler.state_dict(), "config": rc.to_dict()}
+        sampler_state = {**sampler.state_dict(), "step": sampler_start + (step - start) * accum}
+        meta = {"step": step, "sampler": sampler_state, "config": rc.to_dict()}
         if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force) and chief:
             _export_lora(rc, model, state["lora"], step)
 
@@ -157,10 +162,13 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     summary: dict[str, Any] = {"step": start}
     try:
         with SigtermGuard() as guard, sampler.prefetch(rc.train.prefetch * accum) as batches:
+            next_batch = lambda: _global_batch([next(batches) for _ in range(accum)], mesh, accum)  # noqa: E731
+            batch = next_batch() if start < rc.train.steps else None
             for step in range(start, rc.train.steps):
                 t0 = time.perf_counter()
-                batch = _global_batch([next(batches) for _ in range(accum)], mesh, accum)
-                state, metrics = step_fn(state, base, batch, key)
+                state, metrics = step_fn(state, base, batch, key)  # dispatched; runs while the host goes on
+                if step + 1 < rc.train.steps:
+                    batch = next_batch()  # reading and uploading the next batch overlaps this step
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise NonFiniteLoss(
