@@ -109,8 +109,9 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> dict[str, float]:
 
 def run_isolated(module: str, args: list[str]) -> dict:
     """Runs `python -m module args` in a fresh process (its own peak memory) and returns its JSON line."""
-    out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    out = subprocess.run([sys.executable, "-m", module, *args], check=True, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -212,8 +212,9 @@ def test_lora_switch_and_trainable_state(pair):
     assert flat_params(m, LORA)["blocks.attn2.to_k.lora_A"].shape[0] == n
     assert not set(lora_names) & set(flat_params(m, BASE))
     base_out = np.asarray(model(x, t, ctx))
-    # B starts at zero: LoRA on == LoRA off == the base model
-    np.testing.assert_array_equal(np.asarray(m(x, t, ctx)), np.asarray(m(x, t, ctx, use_lora=False)))
+    # B starts at zero: LoRA on == LoRA off == the base model (to rounding: on a GPU the two programs
+    # may fuse the base product differently, 3.6e-7 apart on an H200)
+    _close(m(x, t, ctx), m(x, t, ctx, use_lora=False), 1e-6)
     _close(m(x, t, ctx), base_out, 1e-6)
     # PEFT init: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0
     a = np.asarray(flat_params(m, LORA)["condition_embedder.text_embedder.linear_1.lora_A"])
@@ -267,6 +268,7 @@ def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision
     q = jnp.zeros((1, 300, 2, 64), jnp.float32)
     calls = []
     monkeypatch.setattr(A, "_blockwise_attention", lambda q, k, v, b: calls.append("blockwise") or q)
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "cpu")  # the suite also runs on GPU backends
     A.attend(q, q, q, "auto")
     assert calls == ["blockwise"]
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
