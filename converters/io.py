@@ -13,8 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -22,6 +20,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from converters import layouts
+from spatialalign_jax import atomic
 
 log = logging.getLogger(__name__)
 
@@ -263,40 +262,9 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
     return dst
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary path beside `dst` to write into; moves it to `dst` only when the body succeeds.
-
-    On any failure (an exception, Ctrl-C) the temporary output is removed, so a failed conversion
-    leaves nothing behind and an existing `dst` is untouched.
-    """
-    dst = check_destination(dst, overwrite=overwrite)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = dst.with_name(f"{dst.name}.tmp-{tag}")
-    try:
+    """`spatialalign_jax.atomic.atomic_output` behind the converters' destination check: an existing
+    `dst` is refused unless `overwrite`, and a failed conversion leaves nothing behind."""
+    with atomic.atomic_output(check_destination(dst, overwrite=overwrite)) as tmp:
         yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"conversion wrote nothing to {tmp}")
-        if tmp.is_dir() and dst.exists():
-            # A folder cannot be os.replace'd over a non-empty one: move the old one aside first.
-            old = dst.with_name(f"{dst.name}.old-{tag}")
-            os.replace(dst, old)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old, dst)
-                raise
-            _remove(old)
-        else:
-            if dst.is_dir():
-                _remove(dst)
-            os.replace(tmp, dst)
-    finally:
-        _remove(tmp)

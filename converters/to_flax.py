@@ -32,15 +32,13 @@ def _cast_base(cfg, flat: Mapping[str, np.ndarray], dtype: str | None) -> dict[s
     embedder, as diffusers does) stay fp32; they are read from the model itself.
     """
     import jax.numpy as jnp
-    from flax import nnx
 
-    from spatialalign_jax.model import WanTransformer3DModel
+    from spatialalign_jax.params import abstract_model
 
     if dtype is None:
         return dict(flat)
     target = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, param_dtype=target, rngs=nnx.Rngs(0)))
-    model_dtypes = {".".join(map(str, p)): v.dtype for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    model_dtypes = {k: v.dtype for k, v in abstract_model(cfg, param_dtype=target)[1].items()}
     return {k: np.asarray(v).astype(model_dtypes.get(k, target), copy=False) for k, v in flat.items()}
 
 
@@ -112,8 +110,7 @@ def convert(
     elif lora_alpha is not None:
         raise ValueError("--lora-alpha needs --lora")
 
-    with io.atomic_output(dst, overwrite=overwrite) as tmp:
-        save_checkpoint(tmp, cfg, flat, lora_cfg, lora_flat)
+    save_checkpoint(dst, cfg, flat, lora_cfg, lora_flat, overwrite=overwrite)  # atomic itself
     log.info("wrote %s (%d base tensors%s)", dst, len(flat),
              f", LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha:g} on {len(lora_cfg.targets)} targets"
              if lora_cfg else "")

@@ -1,11 +1,14 @@
-"""Atomic file writes: readers (and a run that is killed mid-write) see the old file or the new one,
-whole, never a torn one. Standard library only, so the scoring process can use it without JAX."""
+"""Atomic writes of files and folders: readers (and a run that is killed mid-write) see the old output
+or the new one, whole, never a torn one. Standard library only, so the scoring process can use it
+without JAX."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -34,3 +37,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a fresh path beside `path` for the body to create, as a file or a folder; when the body
+    succeeds it replaces `path`, when it fails (an exception, Ctrl-C) it is removed and `path` is
+    untouched.
+
+    A folder cannot be renamed over a non-empty one, so an existing folder is moved aside first and
+    put back if the second rename fails: a crash in between leaves one complete copy beside `path`.
+    """
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written to {tmp}")
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{tag}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            if tmp.is_dir() and (path.exists() or path.is_symlink()):
+                path.unlink()  # a folder cannot be renamed over a file either
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from . import lora as lora_lib
+from .atomic import atomic_output
 from . import params as params_lib
 from .config import LoraConfig, WanConfig
 from .model import WanTransformer3DModel
@@ -106,23 +105,12 @@ def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, n
         "param_dtype": sorted(base_dtypes)[0] if len(base_dtypes) == 1 else "mixed",
         **dict(extra_meta or {}),
     }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_output(dst) as tmp:
+        tmp.mkdir()
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", tree)
         ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        old = None
-        if dst.exists():  # moved aside first: a crash in between leaves one complete copy
-            old = dst.with_name(f".{dst.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -179,10 +167,8 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
     if isinstance(lora_cfg, str):
         raise ValueError(f"lora={lora!r}: pass 'checkpoint', None or a LoraConfig")
 
-    abstract = nnx.eval_shape(lambda: WanTransformer3DModel(
-        cfg, lora=lora_cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
-        scan_unroll=scan_unroll, rngs=nnx.Rngs(0)))
-    targets = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    abstract, targets = params_lib.abstract_model(cfg, lora_cfg, dtype=dtype, param_dtype=param_dtype,
+                                                  attention=attention, remat=remat, scan_unroll=scan_unroll)
     shapes = {k: tuple(v.shape) for k, v in targets.items()}
     shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else {k: None for k in shapes}
     lora_names = {k for k in shapes if k.endswith((".lora_A", ".lora_B"))}

@@ -9,24 +9,33 @@ Everything here is numpy; shapes to expect come from the model itself (`expected
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from .config import LoraConfig, WanConfig
 
+if TYPE_CHECKING:
+    from .model import WanTransformer3DModel
+
 FlatParams = dict[str, np.ndarray]
 
 
-def expected_shapes(cfg: WanConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
-    """Flax flat name -> shape of every parameter of the model (LoRA ones included when `lora`)."""
+def abstract_model(cfg: WanConfig, lora: LoraConfig | None = None,
+                   **model_kwargs: Any) -> tuple[WanTransformer3DModel, dict[str, Any]]:
+    """The model built without allocating anything (`nnx.eval_shape`), and Flax flat name -> its
+    abstract parameter (shape and dtype; LoRA ones included when `lora`)."""
     from flax import nnx
 
     from .model import WanTransformer3DModel
 
-    abstract = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, lora=lora, rngs=nnx.Rngs(0)))
-    return {".".join(map(str, path)): tuple(v.shape)
-            for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    model = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, lora=lora, rngs=nnx.Rngs(0), **model_kwargs))
+    return model, {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def expected_shapes(cfg: WanConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Flax flat name -> shape of every parameter of the model (LoRA ones included when `lora`)."""
+    return {k: tuple(v.shape) for k, v in abstract_model(cfg, lora)[1].items()}
 
 
 def _is_lora(name: str) -> bool:

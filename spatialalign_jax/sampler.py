@@ -202,7 +202,11 @@ def _put(x: np.ndarray | jax.Array, mesh: Mesh | None, batched: bool = True) -> 
 
 
 def _check_inputs(model: WanTransformer3DModel, latents_shape: tuple[int, ...], text: Any, neg: Any,
-                  mesh: Mesh | None) -> None:
+                  guidance: float, mesh: Mesh | None) -> None:
+    """The checks of `denoise` and `sample`, run once before any device work."""
+    if guidance > 1.0 and neg is None:
+        raise ValueError(f"guidance={guidance} needs the negative prompt's embedding (neg_emb), or guidance <= 1")
+    neg = neg if guidance > 1.0 else None
     cfg = model.config
     b, c, f, h, w = latents_shape
     if c != cfg.in_channels or cfg.in_channels != cfg.out_channels:
@@ -212,7 +216,8 @@ def _check_inputs(model: WanTransformer3DModel, latents_shape: tuple[int, ...], 
     if f % pt or h % ph or w % pw:
         raise ValueError(f"latent (frames, height, width) = {(f, h, w)} must be multiples of the patch size {cfg.patch_size}")
     if np.ndim(text) != 3 or np.shape(text)[0] != b or np.shape(text)[2] != cfg.text_dim:
-        raise ValueError(f"text_emb must be (batch={b}, tokens, {cfg.text_dim}), got {np.shape(text)}")
+        raise ValueError(f"text_emb must be (batch={b}, tokens, {cfg.text_dim}), one row per seed or latent, "
+                         f"got {np.shape(text)}")
     if neg is not None:
         want = (np.shape(text)[1], cfg.text_dim)
         if np.shape(neg) not in (want, (b, *want)):
@@ -268,10 +273,13 @@ def denoise(model: WanTransformer3DModel, latents: Any, text_emb: Any, neg_emb: 
     the batch is split over its batch axes (the model should come from
     ``load_transformer(path, mesh=mesh)``); the result stays on the devices.
     """
+    _check_inputs(model, tuple(np.shape(latents)), text_emb, neg_emb, guidance, mesh)
+    return _run(model, latents, text_emb, neg_emb, num_steps, guidance, shift, solver, use_lora, mesh)
+
+
+def _run(model: WanTransformer3DModel, latents: Any, text_emb: Any, neg_emb: Any | None, num_steps: int,
+         guidance: float, shift: float, solver: str, use_lora: bool, mesh: Mesh | None) -> jax.Array:
     cfg = guidance > 1.0
-    if cfg and neg_emb is None:
-        raise ValueError(f"guidance={guidance} needs the negative prompt's embedding (neg_emb), or guidance <= 1")
-    _check_inputs(model, tuple(np.shape(latents)), text_emb, neg_emb if cfg else None, mesh)
     plan = sampling_plan(num_steps, shift, solver)
     graphdef, state = nnx.split(model)
     x = _put(jnp.asarray(latents, jnp.float32), mesh)
@@ -296,13 +304,8 @@ def sample(model: WanTransformer3DModel, text_emb: Any, neg_emb: Any | None, *, 
     ``denoise``. ``latent_shape`` is (C, F, H, W), e.g. ``latent_shape_for(81, 480, 832)``.
     """
     seeds = check_seeds(seeds)
-    if np.ndim(text_emb) != 3 or np.shape(text_emb)[0] != len(seeds):
-        raise ValueError(f"text_emb must be (batch, tokens, dim) with one row per seed ({len(seeds)}), "
-                         f"got {np.shape(text_emb)}")
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, F, H, W), got {tuple(latent_shape)}")
-    cfg = guidance > 1.0
-    _check_inputs(model, (len(seeds), *(int(x) for x in latent_shape)), text_emb, neg_emb if cfg else None, mesh)
+    _check_inputs(model, (len(seeds), *(int(x) for x in latent_shape)), text_emb, neg_emb, guidance, mesh)
     noise = initial_noise(seeds, latent_shape, mesh=mesh)
-    return denoise(model, noise, text_emb, neg_emb, num_steps=num_steps, guidance=guidance, shift=shift,
-                   solver=solver, use_lora=use_lora, mesh=mesh)
+    return _run(model, noise, text_emb, neg_emb, num_steps, guidance, shift, solver, use_lora, mesh)

@@ -281,20 +281,21 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
 
 
 def test_failed_conversion_leaves_nothing(work, tmp_path, monkeypatch):
-    from spatialalign_jax import checkpoint
+    import orbax.checkpoint as ocp
 
     out = tmp_path / "out"
     out.mkdir()
-    real_save = checkpoint.save_checkpoint
+    real_wait = ocp.StandardCheckpointer.wait_until_finished
 
-    def save_then_crash(dst, *args, **kwargs):
-        real_save(dst, *args, **kwargs)  # a complete write ...
-        raise OSError("disk full")  # ... and then the failure
+    def wait_then_crash(self):
+        real_wait(self)  # the parameters are on disk ...
+        raise OSError("disk full")  # ... and then the write fails before the metadata
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", wait_then_crash)
     with pytest.raises(OSError, match="disk full"):
         to_flax.convert(work["root"] / "base", out / "ck", lora=work["lora_file"])
     _no_leftovers(out)
+    monkeypatch.undo()
 
     def write_half(folder, config, sd, **kw):
         folder.mkdir()
