@@ -18,11 +18,12 @@ validity rules count it as a wrong label.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
+
+from scoring.loading import load_pretrained
 
 BOX_THRESHOLD = 0.4
 TEXT_THRESHOLD = 0.3
@@ -56,26 +57,6 @@ def detection_text(animal: str, obj: str) -> str:
     return f"{animal.strip().lower()}. {obj.strip().lower()}."
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def require_model_dir(model_dir: str | os.PathLike, what: str) -> Path:
-    """The folder of a local model, or a clear error saying which folder is missing."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what}: model folder {str(path)!r} does not exist. Pass the local folder of a Hugging Face "
-            f"format checkpoint (one holding config.json); models are never downloaded at run time."
-        )
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{what}: {str(path)!r} has no config.json; it is not a Hugging Face format model folder "
-            f"(save one with save_pretrained, or download the checkpoint into it beforehand)."
-        )
-    return path
-
-
 def check_frames(frames: np.ndarray) -> np.ndarray:
     """``frames`` as a (T, H, W, 3) uint8 array, or a clear error."""
     frames = np.asarray(frames)
@@ -105,19 +86,15 @@ class GroundingDinoDetector:
     ):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        path = require_model_dir(model_dir, "Grounding DINO")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or torch.float32
         self.batch_size = batch_size
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
-            path, local_files_only=True, dtype=self.dtype
+        self.model, self.device, self.dtype = load_pretrained(
+            AutoModelForZeroShotObjectDetection, model_dir, "Grounding DINO", device, dtype
         )
-        self.model.to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
 
     def canonical_label(self, name: str) -> str:
         """``name`` as it comes back from the tokenizer: the form Grounding DINO's labels take."""

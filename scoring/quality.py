@@ -33,7 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from scoring.detect import check_frames, default_device, require_model_dir
+from scoring.detect import check_frames
+from scoring.loading import load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,21 +66,24 @@ def crop_box(frame: np.ndarray, box: np.ndarray) -> np.ndarray | None:
 
 
 class IdConsistency:
-    """ID consistency of the animal with DINOv2 from a local folder (e.g. ``facebook/dinov2-base``)."""
+    """ID consistency of the animal with DINOv2 from a local folder (e.g. ``facebook/dinov2-base``).
+
+    At most ``batch_size`` crops go through DINOv2 per forward.
+    """
 
     def __init__(
         self,
         model_dir: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        batch_size: int = 16,
     ):
         from transformers import AutoModel
 
-        path = require_model_dir(model_dir, "DINOv2")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or torch.float32
-        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.model, self.device, self.dtype = load_pretrained(AutoModel, model_dir, "DINOv2", device, dtype)
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -93,12 +97,20 @@ class IdConsistency:
 
     @torch.inference_mode()
     def features(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, D) DINOv2 CLS features (``pooler_output``) of the crops, one forward per crop."""
-        out = []
-        for crop in crops:
-            pixels = self.preprocess(crop).to(self.device, self.dtype)
-            out.append(self.model(pixel_values=pixels).pooler_output.float().cpu().numpy()[0])
-        return np.stack(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+        """(N, D) float32 DINOv2 CLS features (``pooler_output``) of the crops, in their order."""
+        pixels = [self.preprocess(crop) for crop in crops]
+        # Resizing keeps each crop's aspect ratio, so only crops that come out the same shape can
+        # share a forward: padding the others would change their features.
+        same_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(pixels):
+            same_shape.setdefault(tuple(x.shape), []).append(i)
+        out = np.zeros((len(crops), self.model.config.hidden_size), np.float32)
+        for indices in same_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                batch = torch.cat([pixels[i] for i in chunk]).to(self.device, self.dtype)
+                out[chunk] = self.model(pixel_values=batch).pooler_output.float().cpu().numpy()
+        return out
 
     def score(self, frames: np.ndarray, animal_boxes: np.ndarray) -> float:
         """ID consistency of one video: frames (T, H, W, 3) uint8, animal boxes (T, 4) with NaN rows."""
@@ -126,14 +138,10 @@ class ClipIqa:
     ):
         from transformers import AutoProcessor, CLIPModel
 
-        path = require_model_dir(model_dir, "CLIP")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or torch.float32
         self.batch_size = batch_size
         self.native_resolution = native_resolution
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.model, self.device, self.dtype = load_pretrained(CLIPModel, model_dir, "CLIP", device, dtype)
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         with torch.inference_mode():
             text = self.processor.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
             anchors = self._embedding(self.model.get_text_features(**text)).float()

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from scoring.detect import default_device, require_model_dir
+from scoring.loading import load_pretrained
 
 MAX_SEQUENCE_LENGTH = 512
 
@@ -38,21 +38,19 @@ class UMT5TextEncoder:
     ):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        root = os.fspath(model_dir)
-        if os.path.isdir(os.path.join(root, "text_encoder")):
-            encoder_dir = require_model_dir(os.path.join(root, "text_encoder"), "umT5 text encoder")
-            tokenizer_dir = os.path.join(root, "tokenizer")
-        else:
-            encoder_dir = require_model_dir(root, "umT5 text encoder")
-            tokenizer_dir = root
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device) if device is not None else default_device()
+        root = os.fspath(model_dir)
+        if os.path.isdir(os.path.join(root, "text_encoder")):
+            encoder_dir, tokenizer_dir = os.path.join(root, "text_encoder"), os.path.join(root, "tokenizer")
+        else:
+            encoder_dir = tokenizer_dir = root
         self.batch_size = batch_size
         self.max_sequence_length = max_sequence_length
+        self.model, self.device, self.dtype = load_pretrained(
+            UMT5EncoderModel, encoder_dir, "umT5 text encoder", device, dtype
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.model = UMT5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, dtype=dtype or torch.float32)
-        self.model.to(self.device).eval()
 
     @property
     def dim(self) -> int:

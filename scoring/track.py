@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import closing
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from scoring.detect import check_frames, default_device, require_model_dir
+from scoring.detect import check_frames
+from scoring.loading import default_device, load_pretrained
 
 BACKENDS = ("transformers", "sam2")
 
@@ -40,13 +42,25 @@ class Tracker(Protocol):
         ...
 
 
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight ``(x0, y0, x1, y1)`` of each boolean (N, H, W) mask (inclusive ends) as (N, 4) float32
+    on the masks' device; NaN rows for empty masks."""
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    y0, y1 = _first_last(rows)
+    x0, x1 = _first_last(cols)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return boxes.masked_fill(~rows.any(dim=1, keepdim=True), torch.nan)
+
+
+def _first_last(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last True index of each row of an (N, L) bool tensor (junk for an all-False row)."""
+    index = torch.arange(hit.shape[1], device=hit.device)
+    return torch.where(hit, index, hit.shape[1]).amin(dim=1), torch.where(hit, index, -1).amax(dim=1)
+
+
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
     """Tight ``(x0, y0, x1, y1)`` of a boolean (H, W) mask (inclusive ends); NaN when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return np.full(4, np.nan, dtype=np.float32)
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+    return masks_to_boxes(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None])[0].numpy()
 
 
 def _check_seed(frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -64,7 +78,34 @@ def _check_seed(frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.nda
     return np.stack(seeds)
 
 
-class TransformersSam2Tracker:
+class _Sam2Tracker:
+    """The loop both backends share; a backend supplies ``_propagate``, the masks of every frame."""
+
+    def _propagate(
+        self, frames: np.ndarray, start_frame: int, seeds: np.ndarray
+    ) -> Iterator[tuple[int, Sequence[int], torch.Tensor]]:
+        """Seed object ``i + 1`` with ``seeds[i]`` on ``start_frame``, propagate forward to the last
+        frame, then backward to frame 0; per step: the frame, its object ids, their (N, H, W) bool
+        masks at the frames' resolution."""
+        raise NotImplementedError
+
+    def track(
+        self, frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        frames = check_frames(frames)
+        seeds = _check_seed(frames, start_frame, boxes)
+        names = list(boxes)
+        out = {name: np.full((len(frames), 4), np.nan, dtype=np.float32) for name in names}
+        # closing(): an error here must still end the backend's contexts (autocast, temporary folder).
+        with torch.inference_mode(), closing(self._propagate(frames, start_frame, seeds)) as steps:
+            for frame_idx, obj_ids, masks in steps:
+                # Boxes are computed where the masks are: only 4 numbers per object reach the host.
+                for obj_id, box in zip(obj_ids, masks_to_boxes(masks).cpu().numpy()):
+                    out[names[obj_id - 1]][frame_idx] = box
+        return out
+
+
+class TransformersSam2Tracker(_Sam2Tracker):
     """SAM 2 video tracking through transformers' ``Sam2VideoModel`` (the default backend)."""
 
     def __init__(
@@ -75,32 +116,24 @@ class TransformersSam2Tracker:
     ):
         from transformers import Sam2VideoModel, Sam2VideoProcessor
 
-        path = require_model_dir(model_dir, "SAM 2 video")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or torch.float32
-        self.processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = Sam2VideoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.model, self.device, self.dtype = load_pretrained(
+            Sam2VideoModel, model_dir, "SAM 2 video", device, dtype
+        )
+        self.processor = Sam2VideoProcessor.from_pretrained(model_dir, local_files_only=True)
 
-    @torch.inference_mode()
-    def track(
-        self, frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        frames = check_frames(frames)
-        seeds = _check_seed(frames, start_frame, boxes)
-        names = list(boxes)
-        num_frames, height, width = frames.shape[:3]
+    def _propagate(
+        self, frames: np.ndarray, start_frame: int, seeds: np.ndarray
+    ) -> Iterator[tuple[int, Sequence[int], torch.Tensor]]:
+        height, width = frames.shape[1:3]
         session = self.processor.init_video_session(
             video=list(frames), inference_device=self.device, dtype=self.dtype
         )
-        obj_ids = list(range(1, len(names) + 1))
         self.processor.add_inputs_to_inference_session(
             inference_session=session,
             frame_idx=start_frame,
-            obj_ids=list(obj_ids),  # the session keeps and mutates this list
+            obj_ids=list(range(1, len(seeds) + 1)),  # the session keeps and mutates this list
             input_boxes=[seeds.tolist()],
         )
-        out = {name: np.full((num_frames, 4), np.nan, dtype=np.float32) for name in names}
         # The seed frame's own masks come from the first step of the forward pass; the backward
         # pass starts on the seed frame again and reuses its conditioning output.
         for reverse in (False, True):
@@ -110,10 +143,7 @@ class TransformersSam2Tracker:
                 masks = self.processor.post_process_masks(
                     [step.pred_masks.float()], original_sizes=[[height, width]], binarize=True
                 )[0]
-                masks = masks[:, 0].cpu().numpy()  # (num_objects, H, W) bool
-                for obj_id, mask in zip(step.object_ids, masks):
-                    out[names[obj_ids.index(obj_id)]][step.frame_idx] = mask_to_box(mask)
-        return out
+                yield step.frame_idx, step.object_ids, masks[:, 0]
 
 
 def _sam2_config_for(checkpoint: Path) -> str:
@@ -126,7 +156,7 @@ def _sam2_config_for(checkpoint: Path) -> str:
     return "configs/sam2.1/sam2.1_hiera_l.yaml"
 
 
-class Sam2PackageTracker:
+class Sam2PackageTracker(_Sam2Tracker):
     """SAM 2 video tracking through Meta's ``sam2`` package (optional backend).
 
     ``model_dir`` is an original ``.pt`` checkpoint, or a folder holding exactly one. ``config`` is
@@ -179,20 +209,15 @@ class Sam2PackageTracker:
             )
         return found[0]
 
-    def track(
-        self, frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def _propagate(
+        self, frames: np.ndarray, start_frame: int, seeds: np.ndarray
+    ) -> Iterator[tuple[int, Sequence[int], torch.Tensor]]:
         from PIL import Image
 
-        frames = check_frames(frames)
-        seeds = _check_seed(frames, start_frame, boxes)
-        names = list(boxes)
-        num_frames = len(frames)
-        out = {name: np.full((num_frames, 4), np.nan, dtype=np.float32) for name in names}
         autocast = torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )
-        with tempfile.TemporaryDirectory(prefix="sam2_frames_") as tmp, torch.inference_mode(), autocast:
+        with tempfile.TemporaryDirectory(prefix="sam2_frames_") as tmp, autocast:
             for i, frame in enumerate(frames):
                 Image.fromarray(frame).save(os.path.join(tmp, f"{i:05d}.jpg"), quality=95)
             state = self.predictor.init_state(video_path=tmp)
@@ -204,10 +229,7 @@ class Sam2PackageTracker:
                 for frame_idx, obj_ids, mask_logits in self.predictor.propagate_in_video(
                     state, start_frame_idx=start_frame, reverse=reverse
                 ):
-                    masks = (mask_logits[:, 0] > 0.0).cpu().numpy()
-                    for obj_id, mask in zip(obj_ids, masks):
-                        out[names[obj_id - 1]][frame_idx] = mask_to_box(mask)
-        return out
+                    yield frame_idx, obj_ids, mask_logits[:, 0] > 0.0
 
 
 def make_tracker(

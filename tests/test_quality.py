@@ -70,6 +70,31 @@ def test_id_consistency_against_vbench_steps(dino_dir):
     assert metric.score(frames, boxes) == pytest.approx(subject_consistency(ref), abs=1e-6)
 
 
+def test_id_consistency_batches_crops_of_one_shape(dino_dir):
+    """Crops that resize to the same shape share forwards of at most batch_size crops; the
+    features, back in the crops' order, equal one forward per crop to 1e-5."""
+    rng = np.random.default_rng(3)
+    # Five 20x30 crops (one resized shape) with a 30x20 and a 20x40 crop in between.
+    sizes = [(20, 30), (30, 20), (20, 30), (20, 30), (20, 40), (20, 30), (20, 30)]
+    crops = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+    metric = IdConsistency(dino_dir, device="cpu", batch_size=2)
+    one_by_one = np.stack([metric.features([crop])[0] for crop in crops])
+    batch_sizes = []
+    hook = metric.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(len(kwargs["pixel_values"])), with_kwargs=True
+    )
+    try:
+        got = metric.features(crops)
+    finally:
+        hook.remove()
+    assert sorted(batch_sizes) == [1, 1, 1, 2, 2]  # 5 same-shape crops in chunks of 2, 2, 1
+    assert got.shape == (7, metric.model.config.hidden_size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, one_by_one, atol=1e-5, rtol=1e-5)
+    assert metric.features([]).shape == (0, metric.model.config.hidden_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        IdConsistency(dino_dir, device="cpu", batch_size=0)
+
+
 def test_id_consistency_sees_the_animal_not_the_background(dino_dir):
     """The same animal patch moving over changing backgrounds scores 1; changing patches score less."""
     rng = np.random.default_rng(1)

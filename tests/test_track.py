@@ -11,6 +11,7 @@ from scoring.track import (
     TransformersSam2Tracker,
     make_tracker,
     mask_to_box,
+    masks_to_boxes,
 )
 from tests import tiny_scoring_models as tiny
 
@@ -45,6 +46,19 @@ def test_mask_to_box():
     one = np.zeros((4, 4), dtype=bool)
     one[1, 2] = True
     np.testing.assert_array_equal(mask_to_box(one), [2, 1, 2, 1])  # a one-pixel mask: zero width
+
+
+def test_masks_to_boxes_batched():
+    """Boxes of several masks at once (the trackers' on-device path), empty masks included."""
+    masks = np.random.default_rng(0).random((5, 9, 13)) > 0.97
+    masks[2] = False
+    masks[3] = False
+    masks[3, 8, 12] = True  # a one-pixel mask in the last row and column
+    got = masks_to_boxes(torch.from_numpy(masks))
+    assert got.dtype == torch.float32 and got.shape == (5, 4)
+    got = got.numpy()
+    np.testing.assert_array_equal(got, reference_boxes(masks))
+    assert np.isnan(got[2]).all() and np.isfinite(got[[0, 1, 3, 4]]).all()
 
 
 def test_transformers_tracker_matches_a_hand_run_session(sam2_dir, frames):
