@@ -132,7 +132,9 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
     dsr = np.array([s.dsr for s in samples], np.float64)
     status = np.array([int(s.status) for s in samples])
     types = [s.type for s in samples]
-    report: dict[str, Any] = {"label": label, "source": dict(source), "dsr": dsr_report(dsr, status, types)}
+    curve = correctness_curve(dsr, CORRECTNESS_TAUS)
+    report: dict[str, Any] = {"label": label, "source": dict(source),
+                              "dsr": dsr_report(dsr, status, types, curve=curve)}
     unscored = report["dsr"]["num_unscored"]
     if unscored:
         log.warning("%d of %d samples are not scored yet; they count as incorrect in Correctness@tau",
@@ -147,7 +149,6 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
         {"prompt_id": s.prompt_id, "seed": s.seed, "type": s.type, "status": s.status.name, "dsr": s.dsr}
         for s in samples
     ]
-    curve = correctness_curve(dsr, CORRECTNESS_TAUS)
     table = correctness_table({label: curve})
     print(table)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,15 +98,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def dsr_report(dsr: Sequence[float] | np.ndarray, status: Sequence[int] | np.ndarray,
-               types: Sequence[str]) -> dict[str, Any]:
-    """The DSR part of the report; one entry per sample in each argument.
+               types: Sequence[str], curve: Mapping[float, float] | None = None) -> dict[str, Any]:
+    """The DSR part of the report; one entry per sample in ``dsr``, ``status`` and ``types``.
 
-    Every sample counts in the denominator, unscored ones too (they are reported separately so a
-    half-scored run is never mistaken for a finished one).
+    ``curve`` is ``correctness_curve(dsr, CORRECTNESS_TAUS)`` when the caller has it already (it
+    also tables and plots it). Every sample counts in the denominator, unscored ones too (they are
+    reported separately so a half-scored run is never mistaken for a finished one).
     """
     dsr = np.asarray(dsr, np.float64).ravel()
     status = np.asarray(status).ravel()
-    curve = correctness_curve(dsr, CORRECTNESS_TAUS)
+    if curve is None:
+        curve = correctness_curve(dsr, CORRECTNESS_TAUS)
     return {
         "num_samples": int(dsr.size),
         "num_unscored": int(np.count_nonzero(status == Status.UNSCORED)),

@@ -1,7 +1,8 @@
 """Scoring runs: samples of a store or a folder of mp4 files -> boxes, DSR-Score and status.
 
 The models come in as objects (a detector, a tracker and, for a store, a latent decoder), so the
-same code runs the real models and the tests' deterministic fakes.
+same code runs the real models and the tests' deterministic fakes. Both sources (a store's latents,
+a folder's mp4 files) hand their videos to one driver loop, which scores and saves each of them.
 
 Scale and robustness:
 
@@ -132,7 +133,91 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="video", disable=not enabled, dynamic_ncols=True)
 
 
+def _postfix(counts: Counter) -> str:
+    return " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+
+
+def _optional_path(path: str | os.PathLike | None) -> Path | None:
+    return Path(path) if path is not None else None
+
+
+def _is_done(status: Status, retry_failed: bool) -> bool:
+    """Whether a resumed run skips a sample with this status."""
+    return status != Status.UNSCORED and not (retry_failed and status.is_failure)
+
+
+# -- the driver loop that every source feeds ----------------------------------------------------------
+
+
+@dataclass
+class _Video:
+    """One video of a run as its source hands it to the driver: frames, or the failure that stopped them."""
+
+    label: str  # names the video in model-error logs
+    stem: str  # names its inspection mp4/PNG
+    row: Mapping[str, str] | None  # None only with a failure (no prompt row matches)
+    save: Callable[[ItemResult], None]  # writes the result where the source keeps results, atomically
+    frames: np.ndarray | None = None
+    failure: ItemResult | None = None
+
+
+def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, shard: tuple[int, int],
+                  detector: Any, tracker: Any, *, mp4_dir: Path | None, plots_dir: Path | None, fps: int,
+                  progress: bool) -> RunSummary:
+    """Score, save and inspect each video in turn; ``summary`` already holds the skip counts."""
+    i, n = shard
+    start = time.perf_counter()
+    bar = _progress(total, f"score {i}/{n}", progress)
+    for video in videos:
+        result = video.failure
+        if result is None:
+            row = video.row
+            try:
+                result = score_frames(video.frames, row["animal"], row["object"], row["type"], detector, tracker)
+            except Exception as e:
+                result = _model_error(video.label, e)
+        # Saved before the (optional, slower) inspection outputs: a crash loses at most the video in flight.
+        video.save(result)
+        if video.row is not None:
+            _inspection_outputs(video.frames, result, video.row["type"], video.stem, mp4_dir, plots_dir, fps)
+        summary.scored[result.status.name] += 1
+        bar.update(1)
+        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
 # -- store ---------------------------------------------------------------------------------------------
+
+
+def _store_videos(store: Store, work: Sequence[tuple[int, int]], seeds: np.ndarray,
+                  decode: Decoder) -> Iterator[_Video]:
+    """The samples ``work`` of ``store``: latents read one ahead, decoded here (on the models' device)."""
+    loaders = [(lambda p=p, s=s: store.read_latents(p, s)) for p, s in work]
+    for (p, s), (loaded, err) in zip(work, _prefetch(loaders)):
+        row = store.prompts[p]
+        name = video_name(row["prompt_id"], seeds[p, s])
+
+        def save(result: ItemResult, p: int = p, s: int = s) -> None:
+            store.write_score(p, s, status=result.status, dsr=result.dsr,
+                              boxes_animal=result.boxes_animal, boxes_object=result.boxes_object)
+
+        video = _Video(name, Path(name).stem, row, save)
+        if err is not None:
+            video.failure = _model_error(f"{name} (reading latents)", err)
+        else:
+            try:
+                video.frames = decode(loaded[0])
+            except Exception as e:
+                video.failure = _model_error(f"{name} (VAE decode)", e)
+            else:
+                # The frames stay set: --mp4-dir still shows what the VAE made of them.
+                if len(video.frames) != store.num_frames:
+                    msg = f"decoded {len(video.frames)} frames, the store expects {store.num_frames}"
+                    log.error("%s: %s", name, msg)
+                    video.failure = ItemResult(Status.WRONG_FRAME_COUNT, error=msg)
+        yield video
 
 
 def score_store(
@@ -152,58 +237,20 @@ def score_store(
     if store.mode != "r+":
         raise ValueError(f"score_store needs the store opened with mode='r+', got {store.mode!r}")
     i, n = shard
-    mp4_dir = Path(mp4_dir) if mp4_dir is not None else None
-    plots_dir = Path(plots_dir) if plots_dir is not None else None
     summary = RunSummary()
     seeds, status = store.read_seeds(), store.read_status()
     work = []
     for p in range(i, store.num_prompts, n):
         for s in range(store.samples_per_prompt):
-            st = Status(int(status[p, s]))
-            if st != Status.UNSCORED and not (retry_failed and st.is_failure):
+            if _is_done(Status(int(status[p, s])), retry_failed):
                 summary.skipped_done += 1
             elif seeds[p, s] < 0:
                 summary.skipped_no_latents += 1
             else:
                 work.append((p, s))
-    start = time.perf_counter()
-    bar = _progress(len(work), f"score {i}/{n}", progress)
-    loaders = [(lambda p=p, s=s: store.read_latents(p, s)) for p, s in work]
-    for (p, s), (loaded, err) in zip(work, _prefetch(loaders)):
-        row = store.prompts[p]
-        name = video_name(row["prompt_id"], seeds[p, s])
-        frames = None
-        if err is not None:
-            result = _model_error(f"{name} (reading latents)", err)
-        else:
-            latents, _ = loaded
-            try:
-                frames = decode(latents)
-            except Exception as e:
-                result = _model_error(f"{name} (VAE decode)", e)
-            else:
-                if len(frames) != store.num_frames:
-                    msg = f"decoded {len(frames)} frames, the store expects {store.num_frames}"
-                    log.error("%s: %s", name, msg)
-                    result = ItemResult(Status.WRONG_FRAME_COUNT, error=msg)
-                else:
-                    try:
-                        result = score_frames(frames, row["animal"], row["object"], row["type"], detector, tracker)
-                    except Exception as e:
-                        result = _model_error(name, e)
-        store.write_score(p, s, status=result.status, dsr=result.dsr,
-                          boxes_animal=result.boxes_animal, boxes_object=result.boxes_object)
-        _inspection_outputs(frames, result, row["type"], Path(name).stem, mp4_dir, plots_dir, fps)
-        summary.scored[result.status.name] += 1
-        bar.update(1)
-        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _postfix(counts: Counter) -> str:
-    return " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+    return _score_videos(_store_videos(store, work, seeds, decode), len(work), summary, shard, detector, tracker,
+                         mp4_dir=_optional_path(mp4_dir), plots_dir=_optional_path(plots_dir), fps=fps,
+                         progress=progress)
 
 
 # -- folder of videos ---------------------------------------------------------------------------------
@@ -261,9 +308,7 @@ def load_video_results(results_dir: str | os.PathLike) -> dict[str, dict[str, An
 
 
 def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
-    def boxes(b: np.ndarray | None) -> list | None:
-        return None if b is None else [[None if not np.isfinite(x) else float(x) for x in row] for row in b]
-
+    """A video's result file (write_json_atomic turns NaN dsr and box rows into null)."""
     return {
         "video": item.path.name,
         "prompt_id": item.prompt["prompt_id"] if item.prompt else None,
@@ -273,8 +318,8 @@ def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
         "status_name": result.status.name,
         "dsr": result.dsr,
         "error": result.error,
-        "boxes_animal": boxes(result.boxes_animal),
-        "boxes_object": boxes(result.boxes_object),
+        "boxes_animal": result.boxes_animal,
+        "boxes_object": result.boxes_object,
     }
 
 
@@ -284,6 +329,33 @@ def record_boxes(rec: Mapping[str, Any], name: str) -> np.ndarray | None:
     if rows is None:
         return None
     return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float32).reshape(-1, 4)
+
+
+def _folder_videos(items: Sequence[VideoItem], results_dir: str | os.PathLike,
+                   num_frames: int | None) -> Iterator[_Video]:
+    """The videos ``items``, read and decoded one ahead."""
+
+    def loader(item: VideoItem) -> Callable[[], np.ndarray | None]:
+        return lambda: None if item.prompt is None else read_video(item.path, num_frames)
+
+    for item, (frames, err) in zip(items, _prefetch(loader(it) for it in items)):
+
+        def save(result: ItemResult, item: VideoItem = item) -> None:
+            write_json_atomic(result_path(results_dir, item.key), _record(item, result))
+
+        video = _Video(str(item.path), item.key, item.prompt, save, frames=frames)
+        if item.prompt is None:
+            msg = f"no prompt row matches {item.path.name!r} (expected {{prompt_id}}_{{seed}}.mp4 with a prompt_id of the CSV)"
+            log.error("%s", msg)
+            video.failure = ItemResult(Status.MISSING_PROMPT, error=msg)
+        elif isinstance(err, VideoError):
+            log.error("%s", err)
+            video.failure = ItemResult(
+                Status.WRONG_FRAME_COUNT if err.kind == "frame_count" else Status.UNREADABLE_VIDEO, error=str(err))
+        elif err is not None:
+            log.error("%s: unreadable: %s", item.path, err)
+            video.failure = ItemResult(Status.UNREADABLE_VIDEO, error=f"{type(err).__name__}: {err}")
+        yield video
 
 
 def score_video_dir(
@@ -301,7 +373,6 @@ def score_video_dir(
 ) -> RunSummary:
     """Score the mp4 files of ``video_dir`` into ``results_dir/scores/{name}.json``, one file per video."""
     i, n = shard
-    plots_dir = Path(plots_dir) if plots_dir is not None else None
     done = load_video_results(results_dir)
     summary = RunSummary()
     work = []
@@ -309,42 +380,10 @@ def score_video_dir(
         if item.shard_key % n != i:
             continue
         rec = done.get(item.key)
-        if rec is not None:
-            st = Status(rec["status"])
-            if st != Status.UNSCORED and not (retry_failed and st.is_failure):
-                summary.skipped_done += 1
-                continue
+        if rec is not None and _is_done(Status(rec["status"]), retry_failed):
+            summary.skipped_done += 1
+            continue
         work.append(item)
-    start = time.perf_counter()
-    bar = _progress(len(work), f"score {i}/{n}", progress)
-
-    def loader(item: VideoItem) -> Callable[[], np.ndarray | None]:
-        return lambda: None if item.prompt is None else read_video(item.path, num_frames)
-
-    for item, (frames, err) in zip(work, _prefetch(loader(it) for it in work)):
-        if item.prompt is None:
-            msg = f"no prompt row matches {item.path.name!r} (expected {{prompt_id}}_{{seed}}.mp4 with a prompt_id of the CSV)"
-            log.error("%s", msg)
-            result = ItemResult(Status.MISSING_PROMPT, error=msg)
-        elif isinstance(err, VideoError):
-            log.error("%s", err)
-            result = ItemResult(Status.WRONG_FRAME_COUNT if err.kind == "frame_count" else Status.UNREADABLE_VIDEO,
-                                error=str(err))
-        elif err is not None:
-            log.error("%s: unreadable: %s", item.path, err)
-            result = ItemResult(Status.UNREADABLE_VIDEO, error=f"{type(err).__name__}: {err}")
-        else:
-            row = item.prompt
-            try:
-                result = score_frames(frames, row["animal"], row["object"], row["type"], detector, tracker)
-            except Exception as e:
-                result = _model_error(str(item.path), e)
-        write_json_atomic(result_path(results_dir, item.key), _record(item, result))
-        if item.prompt is not None:
-            _inspection_outputs(None, result, item.prompt["type"], item.key, None, plots_dir, DEFAULT_FPS)
-        summary.scored[result.status.name] += 1
-        bar.update(1)
-        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+    # The videos are the inspection mp4s already: only plots are written.
+    return _score_videos(_folder_videos(work, results_dir, num_frames), len(work), summary, shard, detector, tracker,
+                         mp4_dir=None, plots_dir=_optional_path(plots_dir), fps=DEFAULT_FPS, progress=progress)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scoring.dsr import dsr_score
-from scoring.run import load_video_results, score_store, score_video_dir
+from scoring.run import load_video_results, record_boxes, score_store, score_video_dir
 from spatialalign_jax.store import parse_shard
 from scoring.video import write_video
 from scoring_fakes import (
@@ -181,6 +181,10 @@ def test_video_folder(tmp_path):
     assert res["unknown_0"]["status_name"] == "MISSING_PROMPT" and res["unknown_0"]["prompt_id"] is None
     boxes = json.loads((out / "scores" / "0_LR_0.json").read_text())["boxes_animal"]
     assert len(boxes) == T and boxes[0] == [20, 56, 35, 71]
+    # An invalid video's boxes are all missing: strict JSON nulls, read back as NaN rows.
+    invalid = json.loads((out / "scores" / "1_TR_1.json").read_text())
+    assert invalid["boxes_animal"] == [[None] * 4] * T and invalid["dsr"] is None
+    assert np.isnan(record_boxes(invalid, "boxes_object")).all() and record_boxes(invalid, "boxes_object").shape == (T, 4)
     # Resume: nothing left to do; sharding splits the work without overlap.
     det = ColorDetector()
     summary = score_video_dir(vids, rows, out, det, ColorTracker(), num_frames=T, progress=False)
