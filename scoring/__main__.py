@@ -58,6 +58,13 @@ def _check_model_path(path: str | None, flag: str, *, file_ok: bool = False) -> 
 
 
 def _device_and_dtype(args: argparse.Namespace):
+    """The run's device and model dtype, decided (and warned about) once per command."""
+    if getattr(args, "_device_and_dtype", None) is None:
+        args._device_and_dtype = _decide_device_and_dtype(args)
+    return args._device_and_dtype
+
+
+def _decide_device_and_dtype(args: argparse.Namespace):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

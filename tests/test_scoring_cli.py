@@ -191,3 +191,19 @@ def test_module_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "created Store(" in r.stdout
     assert Store.open(tmp_path / "s").num_prompts == 1
+
+
+def test_half_on_cpu_warns_once_per_command(caplog):
+    import argparse
+    import logging
+
+    import torch
+
+    from scoring import __main__ as cli
+
+    args = argparse.Namespace(device="cpu", half=True)
+    with caplog.at_level(logging.WARNING):
+        first = cli._device_and_dtype(args)
+        second = cli._device_and_dtype(args)  # evaluate asks for the VAE and again for the quality models
+    assert first == second == ("cpu", torch.float32)
+    assert sum("--half is ignored" in r.message for r in caplog.records) == 1
