@@ -103,9 +103,9 @@ def full_1_3b(repeats: int, remat: str = "full", attention: str = "cudnn") -> di
     r = one_jax("1.3b-480x832x81", repeats, cfg=WAN_1_3B, dtype="bfloat16", remat=remat, attention=attention,
                 fhw=(21, 60, 104), scan_unroll=1, text_len=512)
     r["remat"] = remat
-    peak_tflops = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
-    kind = r["device"]
-    peak = next((v for k, v in peak_tflops.items() if k in kind), None)
+    # Dense bf16 tensor-core peaks (datasheets) of the SXM parts, by JAX's device_kind; PCIe and NVL
+    # parts run lower clocks, so no MFU is claimed for a card not listed.
+    peak = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}.get(r["device"])
     r["mfu"] = r["gflops"] / 1e3 / peak if peak else None
     return r
 

@@ -13,6 +13,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_and_dtype(device: str | torch.device | None,
+                     dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The scoring models' defaults: CUDA when available, float32."""
+    return (torch.device(device) if device is not None else default_device()), (dtype or torch.float32)
+
+
 def require_model_dir(model_dir: str | os.PathLike, what: str) -> Path:
     """The folder of a local model, or a clear error saying which folder is missing."""
     path = Path(model_dir)
@@ -42,7 +48,6 @@ def load_pretrained(
     given). ``model_class`` is a transformers or diffusers model class; both take ``dtype``.
     """
     path = require_model_dir(model_dir, what)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or torch.float32
+    device, dtype = device_and_dtype(device, dtype)
     model = model_class.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), device, dtype

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scoring.detect import check_frames
-from scoring.loading import default_device, load_pretrained
+from scoring.loading import device_and_dtype, load_pretrained
 
 BACKENDS = ("transformers", "sam2")
 
@@ -183,8 +183,7 @@ class Sam2PackageTracker(_Sam2Tracker):
                 "SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e .[sam2] (or use backend='transformers')"
             ) from err
         checkpoint = self._find_checkpoint(Path(model_dir))
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or torch.float32
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.predictor = build_sam2_video_predictor(
             config or _sam2_config_for(checkpoint),
             ckpt_path=str(checkpoint),

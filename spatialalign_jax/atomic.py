@@ -1,6 +1,6 @@
-"""Atomic writes of files and folders: readers (and a run that is killed mid-write) see the old output
-or the new one, whole, never a torn one. Standard library only, so the scoring process can use it
-without JAX."""
+"""Atomic writes of files and folders: a process killed mid-write leaves the old output or the new one,
+whole, never a torn one. Files are also synced before the rename; folders are not (a power loss is
+the filesystem's to survive). Standard library only, so the scoring process can use it without JAX."""
 
 from __future__ import annotations
 
@@ -52,29 +52,28 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     succeeds it replaces `path`, when it fails (an exception, Ctrl-C) it is removed and `path` is
     untouched.
 
-    A folder cannot be renamed over a non-empty one, so an existing folder is moved aside first and
-    put back if the second rename fails: a crash in between leaves one complete copy beside `path`.
+    A folder cannot be renamed over a non-empty one, so an existing folder is moved aside first. For
+    the instant between the two renames nothing is at `path`; an interruption there puts the old
+    folder back, and a kill there leaves it complete beside `path` as `.{name}.old-*`.
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    old = path.with_name(f".{path.name}.old-{tag}")
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {tmp}")
         if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{tag}")
             os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            _remove(old)
-        else:
-            if tmp.is_dir() and (path.exists() or path.is_symlink()):
-                path.unlink()  # a folder cannot be renamed over a file either
-            os.replace(tmp, path)
+        elif tmp.is_dir() and (path.exists() or path.is_symlink()):
+            path.unlink()  # a folder cannot be renamed over a file either
+        os.replace(tmp, path)
     finally:
+        if old.exists():
+            if path.exists() or path.is_symlink():
+                _remove(old)
+            else:  # interrupted between the renames: the old output goes back
+                os.replace(old, path)
         _remove(tmp)

@@ -1,0 +1,81 @@
+"""spatialalign_jax.atomic: what a finished, failed or interrupted write leaves behind."""
+
+import os
+
+import pytest
+
+from spatialalign_jax import atomic
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _write_folder(tmp, name, text="x"):
+    tmp.mkdir()
+    (tmp / name).write_text(text)
+
+
+@pytest.mark.parametrize("before", ["nothing", "file", "folder", "symlink"])
+@pytest.mark.parametrize("after", ["file", "folder"])
+def test_output_replaces_whatever_was_there(tmp_path, before, after):
+    dst = tmp_path / "out"
+    if before == "file":
+        dst.write_text("old")
+    elif before == "folder":
+        _write_folder(dst, "old")
+    elif before == "symlink":
+        (tmp_path / "target").write_text("kept")
+        dst.symlink_to(tmp_path / "target")
+    with atomic.atomic_output(dst) as tmp:
+        assert not tmp.exists() and tmp.parent == tmp_path
+        if after == "file":
+            tmp.write_text("new")
+        else:
+            _write_folder(tmp, "new")
+    assert (dst.read_text() if after == "file" else _listing(dst)) == ("new" if after == "file" else ["new"])
+    assert not dst.is_symlink()
+    assert _listing(tmp_path) == (["out", "target"] if before == "symlink" else ["out"])
+    if before == "symlink":
+        assert (tmp_path / "target").read_text() == "kept"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failure_keeps_the_old_output(tmp_path, error):
+    dst = tmp_path / "out"
+    _write_folder(dst, "old")
+    with pytest.raises(error):
+        with atomic.atomic_output(dst) as tmp:
+            _write_folder(tmp, "half")
+            raise error("boom")
+    assert _listing(tmp_path) == ["out"] and _listing(dst) == ["old"]
+
+
+def test_interruption_between_the_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    _write_folder(dst, "old")
+    real_replace = os.replace
+
+    def replace(src, target):
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt  # the second rename (new output into place) never happens
+        real_replace(src, target)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_output(dst) as tmp:
+            _write_folder(tmp, "new")
+    assert _listing(tmp_path) == ["out"] and _listing(dst) == ["old"]
+
+
+def test_body_that_writes_nothing_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        with atomic.atomic_output(tmp_path / "out"):
+            pass
+    assert _listing(tmp_path) == []
+
+
+def test_atomic_path_file_write(tmp_path):
+    atomic.write_text_atomic(tmp_path / "sub" / "a.txt", "one")
+    atomic.write_text_atomic(tmp_path / "sub" / "a.txt", "two")
+    assert (tmp_path / "sub" / "a.txt").read_text() == "two" and _listing(tmp_path / "sub") == ["a.txt"]
