@@ -3,7 +3,7 @@ reference step (`reference_torch.TorchDpoStep`), mid-size config, one pair, this
 and in the training precision (bf16 weights and activations, fp32 LoRA, fp32 loss).
 
     python -m benchmarks.bench_train_step [--repeats 5] [--rounds 2] [--sizes 320,1280] [--dtypes float32,bfloat16]
-    python -m benchmarks.bench_train_step --full-1.3b   # on a GPU: 1.3B at 480x832x81, bf16, remat, 1 pair
+    python -m benchmarks.bench_train_step --full-1.3b [--remat attention_kernel,full]   # on a GPU: 1.3B at 480x832x81, bf16, 1 pair
 
 Each framework, size and precision runs in its own process, torch and JAX alternating, `--rounds`
 times; a row is the best round's median step time (the same rule for both frameworks, so a slow spell
@@ -97,7 +97,7 @@ def one_torch(size: str, repeats: int, dtype: str = "float32") -> dict:
             "gflops": flops / sec / 1e9, "peak_mib": peak_rss_mib() - base, "forwards_per_step": sec / fwd}
 
 
-def full_1_3b(repeats: int, remat: str = "full", attention: str = "cudnn") -> dict:
+def full_1_3b(repeats: int, remat: str = "attention_kernel", attention: str = "cudnn") -> dict:
     """Wan2.1-T2V-1.3B, 480x832x81 (32,760 tokens), 512 text rows (SPEC section 6), bf16 with fp32 LoRA,
     remat, cuDNN attention, one pair."""
     r = one_jax("1.3b-480x832x81", repeats, cfg=WAN_1_3B, dtype="bfloat16", remat=remat, attention=attention,
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="320,1280")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--full-1.3b", dest="full", action="store_true")
-    p.add_argument("--remat", default="full", help="with --full-1.3b: remat policies to run, comma-separated")
+    p.add_argument("--remat", default="attention_kernel",
+                   help="with --full-1.3b: remat policies to run, comma-separated (see model.REMAT_POLICIES)")
     p.add_argument("--attention", default="cudnn", help="with --full-1.3b: the attention implementation")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 # The GPU checks in one lease: the machine, the 1.3B step benchmark (step time, MFU, peak memory),
 # the 1.3B forward against diffusers, then the model / kernel / step tests on the GPU backend.
 # Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 7 minutes on an H200.
-#   bash benchmarks/gpu_check.sh [remat policies, default "full"; e.g. "full,attention"]
+#   bash benchmarks/gpu_check.sh [remat policies, default "attention_kernel"; e.g. "attention_kernel,full"]
 # Wheels in .whl/ are installed first where present, for a machine that cannot reach a package
 # registry (diffusers and tensorboardX; not flax: it must be the one built for the machine's jax).
 # Exits non-zero when any step failed.
@@ -22,10 +22,10 @@ failed=()
 } 2>&1 | tee "$OUT/env.txt"
 touch "$OUT/.start"  # only result files this run wrote are copied to $OUT
 if ! timeout "${BENCH_TIMEOUT:-330}" python3 -m benchmarks.bench_train_step --full-1.3b --repeats 3 \
-       --remat "${1:-full}" 2>&1 | tee "$OUT/bench.log"; then
+       --remat "${1:-attention_kernel}" 2>&1 | tee "$OUT/bench.log"; then
   # cuDNN may refuse a shape or version: the same step on the blockwise kernel, to still get numbers.
   failed+=(step-cudnn)
-  timeout 240 python3 -m benchmarks.bench_train_step --full-1.3b --repeats 2 --remat "${1:-full}" \
+  timeout 240 python3 -m benchmarks.bench_train_step --full-1.3b --repeats 2 --remat "${1:-attention_kernel}" \
     --attention blockwise 2>&1 | tee "$OUT/bench_blockwise.log" || failed+=(step-blockwise)
 fi
 timeout 200 python3 -m benchmarks.bench_forward --full-1.3b --repeats 3 2>&1 | tee "$OUT/forward.log" \

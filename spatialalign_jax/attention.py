@@ -15,9 +15,20 @@ from functools import lru_cache
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 SHORT_KEYS = 256
+KERNEL_OUTPUTS = "attention_kernel"  # checkpoint name of the blockwise kernel's output and log-sum-exp
+
+
+def save_kernel_outputs(prim, *_, **params) -> bool:
+    """Remat policy: keep what the fused attention kernels hand their backward (the output and the
+    softmax statistics, O(tokens) per head), everything else is recomputed. These kernels are most of
+    a long video's FLOPs, and recomputing the q/k/v projections they take costs little."""
+    if prim.name.startswith("dot_product_attention_fwd"):  # cuDNN's fused attention (jax.nn, GPU)
+        return True
+    return prim.name == "name" and params.get("name") == KERNEL_OUTPUTS
 
 
 @jax.custom_vjp
@@ -45,7 +56,9 @@ def _heads_forward(qh, kt, vh):
 
 
 def _heads_fwd(qh, kt, vh):
-    out, lse = _heads_forward(qh, kt, vh)
+    # Named so that the "attention_kernel" remat policy can keep them: then the backward needs no
+    # second forward of the kernel.
+    out, lse = checkpoint_name(_heads_forward(qh, kt, vh), KERNEL_OUTPUTS)
     return out, (qh, kt, vh, out, lse)
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import apply_rope, attend, rope_tables
+from .attention import apply_rope, attend, rope_tables, save_kernel_outputs
 from .config import LoraConfig, WanConfig
 from .layers import LayerNorm, Linear, RMSNorm, dense
 
@@ -31,6 +31,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attention": jax.checkpoint_policies.save_only_these_names("attn1_out", "attn2_out"),
     "block_io": jax.checkpoint_policies.save_only_these_names("attn1_out", "attn2_out", "ffn_hidden"),
+    # The attention kernels' outputs and softmax statistics: no second attention forward.
+    "attention_kernel": save_kernel_outputs,
 }
 
 

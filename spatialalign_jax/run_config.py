@@ -81,7 +81,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "bfloat16"  # frozen base weights; LoRA weights are always fp32
     attention: str = "auto"
-    remat: str = "full"
+    remat: str = "attention_kernel"
     scan_unroll: int = 1  # blocks per scan iteration (1: one compiled block; num_layers: fully unrolled)
     init_seed: int = 0  # random base weights (path null) and LoRA A matrices
 

@@ -103,3 +103,38 @@ def test_training_gradients_through_blockwise_attention_and_bf16(tmp_path):
         for g, r in zip(got, ref):
             assert g.dtype == jnp.float32  # LoRA weights and their gradients stay fp32
             _close(g, r, tol)
+
+
+def test_attention_kernel_remat_keeps_the_kernel_outputs(monkeypatch):
+    """remat="attention_kernel" keeps the blockwise kernel's output and log-sum-exp: its gradients
+    equal the un-rematerialised ones (1e-5 x max), and the kernel's forward is traced as often as
+    without remat, where full remat traces it once more (the recompute it avoids)."""
+    from flax import nnx
+
+    from spatialalign_jax import attention
+    from spatialalign_jax.config import LoraConfig, WanConfig
+    from spatialalign_jax.lora import BASE, LORA
+    from spatialalign_jax.model import WanTransformer3DModel
+
+    monkeypatch.setattr(attention, "SHORT_KEYS", 16)  # 128 tokens take the blockwise path
+    cfg = WanConfig.from_diffusers(dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 2, 16, 16)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    t = jnp.array([500.0, 200.0])
+
+    def grad_and_jaxpr(remat):
+        model = WanTransformer3DModel(cfg, lora=LoraConfig(), remat=remat, attention="blockwise", rngs=nnx.Rngs(0))
+        graphdef, lora, base = nnx.split(model, LORA, BASE)
+        lora = jax.tree.map(lambda v: v + 0.05, lora)
+        grad = jax.grad(lambda lo: jnp.mean(nnx.merge(graphdef, lo, base)(x, t, ctx) ** 2))
+        return jax.jit(grad)(lora), str(jax.make_jaxpr(grad)(lora))
+
+    ref, plain = grad_and_jaxpr("none")
+    kept, with_policy = grad_and_jaxpr("attention_kernel")
+    _, full = grad_and_jaxpr("full")
+    for g, r in zip(jax.tree.leaves(kept), jax.tree.leaves(ref)):
+        _close(g, r, 1e-5)
+    forwards = lambda jaxpr: jaxpr.count(f"name={attention.KERNEL_OUTPUTS}")  # noqa: E731
+    assert forwards(with_policy) == forwards(plain) < forwards(full)

@@ -162,7 +162,7 @@ def test_remat_policies_and_unrolling_give_same_output_and_grad(pair):
         return jnp.mean(m(x, t, ctx) ** 2)
 
     ref_loss, ref_grad = nnx.value_and_grad(loss)(model)
-    for policy, unroll in (("full", 1), ("dots", 1), ("attention", 1), ("none", True)):
+    for policy, unroll in (("full", 1), ("dots", 1), ("attention", 1), ("attention_kernel", 1), ("none", True)):
         m = load_transformer(folder, attention="xla", remat=policy, scan_unroll=unroll)
         val, grad = nnx.jit(nnx.value_and_grad(loss))(m)
         np.testing.assert_allclose(val, ref_loss, rtol=1e-5)
