@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from benchmarks.common import (BATCH, MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops, matmul_peak_gflops,
-                               peak_rss_mib, run_isolated, timed, write_results)
+from benchmarks.common import (BATCH, FULL_FHW, FULL_TEXT_LEN, MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops,
+                               matmul_peak_gflops, peak_rss_mib, run_isolated, timed, write_results)
 
 
 def _inputs(cfg: dict, fhw: tuple[int, int, int], batch: int, text_len: int = TEXT_LEN):
@@ -69,14 +69,11 @@ def one_torch(size: str, repeats: int) -> dict:
             "peak_mib": peak_rss_mib() - base, "threads": torch.get_num_threads()}
 
 
-FULL_FHW, FULL_TEXT = (21, 60, 104), 512
-
-
 def full_1_3b(repeats: int) -> dict:
     """Wan2.1-T2V-1.3B at 480x832, 81 frames (latents 21x60x104, 32,760 tokens), 512 text rows, bf16,
     cuDNN, batch 1."""
     return one_jax("1.3b-480x832x81", "cudnn", repeats, cfg=WAN_1_3B, dtype="bfloat16", fhw=FULL_FHW, batch=1,
-                   text_len=FULL_TEXT)
+                   text_len=FULL_TEXT_LEN)
 
 
 def full_1_3b_torch(repeats: int) -> dict:
@@ -86,7 +83,7 @@ def full_1_3b_torch(repeats: int) -> dict:
     from benchmarks.common import torch_wan
 
     model = torch_wan(WAN_1_3B, "bfloat16").eval().cuda()
-    x, t, ctx = (torch.from_numpy(a).cuda() for a in _inputs(WAN_1_3B, FULL_FHW, 1, FULL_TEXT))
+    x, t, ctx = (torch.from_numpy(a).cuda() for a in _inputs(WAN_1_3B, FULL_FHW, 1, FULL_TEXT_LEN))
     x, ctx = x.bfloat16(), ctx.bfloat16()
     torch.cuda.reset_peak_memory_stats()
 
@@ -96,7 +93,7 @@ def full_1_3b_torch(repeats: int) -> dict:
 
     with torch.no_grad():
         sec = timed(run, repeats)
-    flops = forward_flops(WAN_1_3B, 1, FULL_FHW, FULL_TEXT)
+    flops = forward_flops(WAN_1_3B, 1, FULL_FHW, FULL_TEXT_LEN)
     return {"framework": "diffusers-eager", "size": "1.3b-480x832x81", "seconds": sec, "gflops": flops / sec / 1e9,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "device": torch.cuda.get_device_name()}
 
@@ -136,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['framework']:<18}{r['size']:>8}{1e3 * r['seconds']:>10.1f}{r['gflops']:>10.1f}{r['peak_mib']:>10.0f}")
     path = write_results("forward_full_1.3b" if args.full else "forward",
                          {"config": MID if not args.full else WAN_1_3B, "batch": 1 if args.full else BATCH,
-                          "text_len": FULL_TEXT if args.full else TEXT_LEN,
+                          "text_len": FULL_TEXT_LEN if args.full else TEXT_LEN,
                           "matmul_peak_gflops": peak, "rows": rows, "python": sys.version.split()[0]})
     print(f"written to {path}")
 

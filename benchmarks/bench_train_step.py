@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.common import (MID, SIZES, TEXT_LEN, WAN_1_3B, lora_step_flops, peak_rss_mib, run_isolated, timed,
-                               write_results)
+from benchmarks.common import (FULL_FHW, FULL_TEXT_LEN, MID, SIZES, TEXT_LEN, WAN_1_3B, lora_step_flops,
+                               peak_rss_mib, run_isolated, timed, write_results)
 
 PAIRS = 1
 
@@ -101,7 +101,7 @@ def full_1_3b(repeats: int, remat: str = "attention_kernel", attention: str = "c
     """Wan2.1-T2V-1.3B, 480x832x81 (32,760 tokens), 512 text rows (SPEC section 6), bf16 with fp32 LoRA,
     remat, cuDNN attention, one pair."""
     r = one_jax("1.3b-480x832x81", repeats, cfg=WAN_1_3B, dtype="bfloat16", remat=remat, attention=attention,
-                fhw=(21, 60, 104), scan_unroll=1, text_len=512)
+                fhw=FULL_FHW, scan_unroll=1, text_len=FULL_TEXT_LEN)
     r["remat"] = remat
     # Dense bf16 tensor-core peaks (datasheets) of the SXM parts, by JAX's device_kind; PCIe and NVL
     # parts run lower clocks, so no MFU is claimed for a card not listed.
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                   "the speed of the PyTorch step")
     path = write_results("train_step_full_1.3b" if args.full else "train_step",
                          {"config": WAN_1_3B if args.full else MID, "pairs": PAIRS,
-                          "text_len": 512 if args.full else TEXT_LEN,
+                          "text_len": FULL_TEXT_LEN if args.full else TEXT_LEN,
                           "rounds": 1 if args.full else args.rounds, "repeats": args.repeats, "rows": rows})
     for r in rows:
         if r.get("mfu") is not None:

@@ -19,6 +19,9 @@ MID = dict(num_attention_heads=8, attention_head_dim=64, in_channels=16, out_cha
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                 freq_dim=256, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024)
 SIZES = {"320": (5, 16, 16), "1280": (5, 32, 32)}
+# The real-scale case of the GPU benchmarks: 480x832, 81 frames (latents 21x60x104, 32,760 tokens),
+# the prompt zero-padded to 512 text rows as the DiT sees it (SPEC section 6).
+FULL_FHW, FULL_TEXT_LEN = (21, 60, 104), 512
 BATCH, TEXT_LEN = 2, 32
 
 

@@ -22,13 +22,15 @@ SHORT_KEYS = 256
 KERNEL_OUTPUTS = "attention_kernel"  # checkpoint name of the blockwise kernel's output and log-sum-exp
 
 
-def save_kernel_outputs(prim, *_, **params) -> bool:
-    """Remat policy: keep what the fused attention kernels hand their backward (the output and the
-    softmax statistics, O(tokens) per head), everything else is recomputed. These kernels are most of
-    a long video's FLOPs, and recomputing the q/k/v projections they take costs little."""
-    if prim.name.startswith("dot_product_attention_fwd"):  # cuDNN's fused attention (jax.nn, GPU)
-        return True
-    return prim.name == "name" and params.get("name") == KERNEL_OUTPUTS
+def _cudnn_attention_forward(prim, *_, **__) -> bool:
+    return prim.name.startswith("dot_product_attention_fwd")  # jax.nn's cuDNN kernel (GPU)
+
+
+# Remat policy: keep what the fused attention kernels hand their backward (the output and the softmax
+# statistics, O(tokens) per head) and recompute the rest. The kernels are most of a long video's FLOPs;
+# the q/k/v projections they take are cheap to recompute.
+save_kernel_outputs = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS), _cudnn_attention_forward)
 
 
 @jax.custom_vjp

@@ -177,7 +177,7 @@ class PairSampler:
                 f"than max_text_len={self.max_text_len}; raise max_text_len (the store holds up to "
                 f"{st.max_text_len})")
         # One attribute swapped at once: a prefetch thread reading a batch meanwhile sees old or new labels.
-        self._labels = (table, dsr)
+        self._labels = (table, dsr, text_len)
         return table
 
     @property
@@ -218,20 +218,19 @@ class PairSampler:
 
     def read_batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's batch of ``step`` as numpy arrays (keys ``BATCH_KEYS``); does not move ``self.step``."""
-        table, dsr = self._labels
+        table, dsr, text_len = self._labels
         p, w, lo = self.local_indices(step, table)
         lat = self.store.array("latents")
         futures = [lat[int(a), int(b)].read() for a, b in zip(np.concatenate([p, p]), np.concatenate([w, lo]))]
         # usable prompts fit max_text_len (checked when the labels are read)
         text = self.store.read_text_embeddings([int(x) for x in p], self.max_text_len)
-        text_len = self.store.read_text_lengths()[p].astype(np.int32)
         latents = np.stack([np.asarray(f.result(), np.float32) for f in futures])
         n = len(p)
         return {
             "latents_w": latents[:n],
             "latents_l": latents[n:],
             "text_emb": text,
-            "text_len": text_len,
+            "text_len": text_len[p].astype(np.int32),
             "dsr_w": dsr[p, w].astype(np.float32),
             "dsr_l": dsr[p, lo].astype(np.float32),
             "prompt_index": p.astype(np.int32),
@@ -363,8 +362,9 @@ def make_synthetic_store(
         raise ValueError("a synthetic store needs samples_per_prompt >= 2 (one winner and one loser per prompt)")
     rng = np.random.default_rng(seed)
     prompts = []
+    types = list(DSR_TYPES.values())
     for i in range(num_prompts):
-        t = list(DSR_TYPES.values())[i % len(DSR_TYPES)]
+        t = types[i % len(types)]
         prompts.append({
             "type": t.name, "prompt_id": f"synthetic_{i:04d}", "scene": "a synthetic scene",
             "initial_SR": t.initial_phrase, "final_SR": t.final_phrase, "animal": "cat", "object": "box",
