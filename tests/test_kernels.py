@@ -34,7 +34,11 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("block", [128, 2048])  # 3 query blocks of 101 rows (2 padded) / one block
-def test_blockwise_attention_gradients_match_xla(dtype, block):
+@pytest.mark.parametrize("concurrent", [True, False])  # heads unrolled side by side / one at a time
+def test_blockwise_attention_gradients_match_xla(dtype, block, concurrent, monkeypatch):
+    from spatialalign_jax import attention
+
+    monkeypatch.setattr(attention, "CONCURRENT_HEADS_MAX_SCORES", 1 << 20 if concurrent else 0)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (2, 301, 3, 16), jnp.float32).astype(dtype) for kk in keys[:3])
     cotangent = jax.random.normal(keys[3], (2, 301, 3, 16), jnp.float32)
