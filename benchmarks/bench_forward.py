@@ -1,9 +1,10 @@
 """Forward pass: jitted Flax Wan against diffusers eager, mid-size config, fp32, this machine's CPU.
 
-    python -m benchmarks.bench_forward [--repeats 5] [--sizes 320,1280] [--attention blockwise,xla]
+    python -m benchmarks.bench_forward [--repeats 5] [--rounds 2] [--sizes 320,1280] [--attention blockwise,xla]
     python -m benchmarks.bench_forward --full-1.3b     # on a GPU: 1.3B at 480x832x81, bf16, cuDNN
 
-Each framework and size runs in its own process. Peak memory is the forward's own: for diffusers the
+Each framework and size runs in its own process, the frameworks alternating, `--rounds` times; a row
+is the fastest round's median. Peak memory is the forward's own: for diffusers the
 max-RSS growth over the process once the model and inputs exist; for JAX the buffers XLA plans for
 the compiled forward (temporaries + output). Prints a table and writes
 benchmarks/results/forward.json.
@@ -16,7 +17,7 @@ import json
 import sys
 
 from benchmarks.common import (BATCH, FULL_FHW, FULL_TEXT_LEN, MID, SIZES, TEXT_LEN, WAN_1_3B, forward_flops,
-                               matmul_peak_gflops, peak_rss_mib, run_isolated, timed, write_results)
+                               fastest_of_rounds, matmul_peak_gflops, peak_rss_mib, timed, write_results)
 
 
 def _inputs(cfg: dict, fhw: tuple[int, int, int], batch: int, text_len: int = TEXT_LEN):
@@ -101,6 +102,7 @@ def full_1_3b_torch(repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sizes", default="320,1280")
     p.add_argument("--attention", default="blockwise,xla")
     p.add_argument("--full-1.3b", dest="full", action="store_true")
@@ -115,15 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
         return
 
-    rows = []
-    if args.full:
-        for kind in ("full", "torchfull"):
-            rows.append(run_isolated("benchmarks.bench_forward", ["--_one", f"{kind}:0", "--repeats", str(args.repeats)]))
-    else:
-        for size in args.sizes.split(","):
-            for kind in ["torch", *args.attention.split(",")]:
-                rows.append(run_isolated("benchmarks.bench_forward",
-                                         ["--_one", f"{kind}:{size}", "--repeats", str(args.repeats)]))
+    cells = [f"{kind}:0" for kind in ("full", "torchfull")] if args.full else [
+        f"{kind}:{size}" for size in args.sizes.split(",") for kind in ["torch", *args.attention.split(",")]]
+    rows = fastest_of_rounds("benchmarks.bench_forward",
+                             [["--_one", cell, "--repeats", str(args.repeats)] for cell in cells],
+                             1 if args.full else args.rounds)
     peak = None if args.full else matmul_peak_gflops()
     if peak:
         print(f"fp32 1024x1024 matmul peak on this machine: torch {peak['torch']:.0f} GFLOP/s, "
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("forward_full_1.3b" if args.full else "forward",
                          {"config": MID if not args.full else WAN_1_3B, "batch": 1 if args.full else BATCH,
                           "text_len": FULL_TEXT_LEN if args.full else TEXT_LEN,
-                          "matmul_peak_gflops": peak, "rows": rows, "python": sys.version.split()[0]})
+                          "rounds": 1 if args.full else args.rounds, "matmul_peak_gflops": peak, "rows": rows, "python": sys.version.split()[0]})
     print(f"written to {path}")
 
 

@@ -22,7 +22,7 @@ import argparse
 import json
 
 from benchmarks.common import (FULL_FHW, FULL_TEXT_LEN, MID, SIZES, TEXT_LEN, WAN_1_3B, lora_step_flops,
-                               peak_rss_mib, run_isolated, timed, write_results)
+                               fastest_of_rounds, peak_rss_mib, timed, write_results)
 
 PAIRS = 1
 
@@ -133,17 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cells = [(s, d) for s in args.sizes.split(",") for d in args.dtypes.split(",")]
         kinds = ["torch", "jax"]
-    best: dict[tuple, dict] = {}
-    for _ in range(1 if args.full else args.rounds):
-        for size, dtype in cells:
-            for kind in kinds:
-                r = run_isolated("benchmarks.bench_train_step",
-                                 ["--_one", f"{kind}:{size}:{dtype}", "--repeats", str(args.repeats),
-                                  "--attention", args.attention])
-                key = (r["framework"], size, dtype, r.get("remat"))
-                if key not in best or r["seconds"] < best[key]["seconds"]:
-                    best[key] = r
-    rows = list(best.values())
+    rows = fastest_of_rounds("benchmarks.bench_train_step",
+                             [["--_one", f"{kind}:{size}:{dtype}", "--repeats", str(args.repeats), "--attention",
+                               args.attention] for size, dtype in cells for kind in kinds],
+                             1 if args.full else args.rounds)
     print(f"{'framework':<20}{'tokens':>8}{'dtype':>10}{'ms/step':>10}{'GFLOP/s':>10}{'peak MiB':>10}")
     for r in rows:
         print(f"{r['framework']:<20}{r['size']:>8}{r['dtype']:>10}{1e3 * r['seconds']:>10.1f}{r['gflops']:>10.1f}"
