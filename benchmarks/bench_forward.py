@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("forward_full_1.3b" if args.full else "forward",
                          {"config": MID if not args.full else WAN_1_3B, "batch": 1 if args.full else BATCH,
                           "text_len": FULL_TEXT_LEN if args.full else TEXT_LEN,
-                          "rounds": 1 if args.full else args.rounds, "matmul_peak_gflops": peak, "rows": rows, "python": sys.version.split()[0]})
+                          "rounds": 1 if args.full else args.rounds, "matmul_peak_gflops": peak, "rows": rows,
+                          "python": sys.version.split()[0]})
     print(f"written to {path}")
 
 
