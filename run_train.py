@@ -5,7 +5,9 @@
     python run_train.py --config configs/wan2.1_t2v_1.3b.yaml --mesh data=1,fsdp=4 [--set key=value ...]
 
 A run folder that already holds checkpoints is resumed from its latest one. On a cluster, start one
-process per host with the launcher's environment set for `jax.distributed.initialize()`.
+process per host. Under SLURM, Open MPI or on a TPU pod JAX finds its peers itself; elsewhere set
+JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each
+process's environment.
 """
 
 from __future__ import annotations
@@ -41,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = load_run_config(args.config or DEFAULT_CONFIG_PATH, overrides)
     except (RunConfigError, FileNotFoundError) as e:
         parser.error(str(e))
-    if _launched_multi_host():  # SLURM, Open MPI, TPU pods: jax finds the coordinator itself
+    if _launched_multi_host():
         import jax
 
-        jax.distributed.initialize()
+        env = os.environ  # JAX reads the coordinator's address itself, but not the process count and index
+        explicit = {}
+        for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if var in env:
+                if not env[var].isdigit():
+                    parser.error(f"{var}={env[var]!r} must be a whole number")
+                explicit[arg] = int(env[var])
+        jax.distributed.initialize(**explicit)
 
     from spatialalign_jax.trainer import NonFiniteLoss, train
 

@@ -81,7 +81,11 @@ def lora_config_from_meta(meta: Mapping[str, Any]) -> LoraConfig | None:
 def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, np.ndarray] | None,
                     lora_cfg: LoraConfig | None = None, lora: Mapping[str, np.ndarray] | None = None, *,
                     overwrite: bool = False, extra_meta: Mapping[str, Any] | None = None) -> Path:
-    """Writes Flax flat params (`params.flax_from_diffusers` naming) as a converted checkpoint."""
+    """Writes Flax flat params (`params.flax_from_diffusers` naming) as a converted checkpoint.
+
+    The arrays are this host's numpy copies, so the calling process writes alone: in a multi-host run
+    one process calls this (the trainer's chief exporting LoRA) while the others train on.
+    """
     import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
@@ -107,7 +111,10 @@ def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, n
     }
     with atomic_output(dst) as tmp:
         tmp.mkdir()
-        ckptr = ocp.StandardCheckpointer()
+        # Orbax's default waits at a barrier for every process of the run; this process alone writes.
+        me = jax.process_index()
+        ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"save_checkpoint_{me}"))
         ckptr.save(tmp / "params", tree)
         ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))

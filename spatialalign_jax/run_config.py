@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import json
 import os
 import types
@@ -67,6 +68,8 @@ def _one_of(key: str, value: Any, choices: Sequence[Any]) -> None:
 
 
 def _at_least(key: str, value: float, low: float, *, strict: bool = False) -> None:
+    if not math.isfinite(value):  # NaN compares false with everything: it would pass the bound below
+        _fail(key, f"must be a finite number, got {value!r}")
     if value < low or (strict and value == low):
         _fail(key, f"must be {'>' if strict else '>='} {low}, got {value!r}")
 
@@ -220,6 +223,12 @@ class DataSection:
             unknown = sorted(set(self.synthetic) - set(known))
             if unknown:
                 _fail("data.synthetic", f"unknown keys {unknown}; valid keys: {', '.join(known)}")
+            for name, value in self.synthetic.items():  # whole numbers; latent_shape a list of them
+                shape = name == "latent_shape"
+                ints = value if shape and isinstance(value, (list, tuple)) else None if shape else [value]
+                if not ints or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
+                    kind = "a list of whole numbers" if shape else "a whole number >= 0"
+                    _fail(f"data.synthetic.{name}", f"must be {kind}, got {value!r}")
 
     def synthetic_kwargs(self) -> dict[str, Any]:
         """The synthetic store's full arguments: ``data.synthetic`` over make_synthetic_store's defaults."""

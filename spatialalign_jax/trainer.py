@@ -58,18 +58,17 @@ def build_model(rc: RunConfig, mesh: jax.sharding.Mesh) -> WanTransformer3DModel
 
 def _ensure_store(rc: RunConfig) -> None:
     path = Path(rc.data.store)
-    if path.exists() or rc.data.synthetic is None:
-        if not path.exists():
-            raise FileNotFoundError(f"data.store {str(path)!r} does not exist; score samples into it with "
-                                    "`python -m scoring score ...`, or set data.synthetic for a smoke run")
-        return
-    if jax.process_index() == 0:
-        log.info("building a synthetic store at %s", path)
-        make_synthetic_store(path, **rc.data.synthetic_kwargs())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if rc.data.synthetic is not None:
+        if jax.process_index() == 0 and not path.exists():
+            log.info("building a synthetic store at %s", path)
+            make_synthetic_store(path, **rc.data.synthetic_kwargs())
+        if jax.process_count() > 1:  # every process waits, whether or not the store was there
+            from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("synthetic store built")
+            multihost_utils.sync_global_devices("synthetic store ready")
+    if not path.exists():
+        raise FileNotFoundError(f"data.store {str(path)!r} does not exist; score samples into it with "
+                                "`python -m scoring score ...`, or set data.synthetic for a smoke run")
 
 
 def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: int) -> dict[str, jax.Array]:
@@ -84,7 +83,7 @@ def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: 
 
 # What a resumed run must share with the run that saved the checkpoint to draw the same pairs and
 # noise and continue the same optimisation.
-_RESUME_KEYS = ("model.path", "model.config", "lora", "loss", "optim", "train.seed", "train.per_device_batch",
+_RESUME_KEYS = ("model.path", "model.config", "model.init_seed", "lora", "loss", "optim", "train.seed", "train.per_device_batch",
                 "train.grad_accum", "data.store", "data.tau", "data.split", "data.max_text_len")
 
 
@@ -105,9 +104,13 @@ def _check_resumable(rc: RunConfig, meta: dict[str, Any], pairs_per_micro_step: 
             "resuming would not continue that run. Use a new run.dir, or the original settings")
 
 
+def _lora_export_path(rc: RunConfig, step: int) -> Path:
+    return Path(rc.run.dir) / "lora" / f"step_{step:07d}"
+
+
 def _export_lora(rc: RunConfig, model: WanTransformer3DModel, lora_state, step: int) -> Path:
     lora_flat = {".".join(map(str, p)): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(lora_state)}
-    dst = Path(rc.run.dir) / "lora" / f"step_{step:07d}"
+    dst = _lora_export_path(rc, step)
     return save_checkpoint(dst, model.config, None, rc.lora_config(), lora_flat, overwrite=True,
                            extra_meta={"run": rc.run.name, "step": step,
                                        "base": str(Path(rc.model.path).absolute()) if rc.model.path else None})
@@ -141,6 +144,8 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                  "step": jax.device_put(jnp.asarray(start, jnp.int32), state["step"].sharding)}
         sampler.load_state_dict(meta["sampler"])
         log.info("resumed %s from step %d", run_dir, start)
+        if chief and not _lora_export_path(rc, start).exists():  # the run stopped between the two writes
+            _export_lora(rc, model, state["lora"], start)
     if chief:
         rc.save_yaml(run_dir / "config.yaml")
     step_fn = make_train_step(model, step_cfg, optimizer, mesh)

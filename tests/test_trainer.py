@@ -1,10 +1,13 @@
-"""run_train.py end to end on configs/tiny.yaml: smoke run, 8-device mesh, kill and resume, NaN stop."""
+"""run_train.py end to end on configs/tiny.yaml: smoke run, 8-device mesh, two processes, kill and resume,
+NaN stop."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run_train(run_dir: Path, *extra: str, devices: int = 1, wait: bool = True, check: bool = True):
+def _run_train(run_dir: Path, *extra: str, devices: int = 1, wait: bool = True, check: bool = True,
+               env_extra: dict[str, str] | None = None):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(env_extra or {})
     cmd = [sys.executable, "run_train.py", "--config", "configs/tiny.yaml", "--no-progress",
            "--set", f"run.dir={run_dir}", "--set", f"data.store={run_dir.parent / 'store'}", *extra]
     if not wait:
@@ -64,6 +69,44 @@ def test_mesh_data2_fsdp4_matches_one_device(reference, tmp_path):
     _run_train(single, "--set", "train.steps=4", "--set", "train.per_device_batch=8")
     np.testing.assert_allclose([_losses(run)[s] for s in range(1, 5)], [_losses(single)[s] for s in range(1, 5)],
                                rtol=2e-5)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """A multi-host run (two processes of one device each, found through JAX_COORDINATOR_ADDRESS) trains
+    exactly as one process with both devices: each host reads its half of every batch, only the chief
+    writes run files and exports LoRA, and neither waits on the other at a checkpoint."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ("--mesh", "data=2,fsdp=1", "--set", "train.steps=4", "--set", "train.checkpoint_every=2")
+    run = tmp_path / "multi" / "run"
+    procs = [_run_train(run, *args, wait=False, env_extra={
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+        for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    single = tmp_path / "single" / "run"
+    _run_train(single, *args, devices=2)
+    multi_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    single_rows = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "e_w", "e_l", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in multi_rows], [r[key] for r in single_rows], rtol=1e-6, err_msg=key)
+    assert sorted(p.name for p in (run / "lora").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def test_resume_rewrites_a_missing_lora_export(tmp_path):
+    """A run stopped between its checkpoint and its LoRA export gets the export when it resumes."""
+    run = tmp_path / "run"
+    args = ("--set", "train.steps=2", "--set", "train.checkpoint_every=2")
+    _run_train(run, *args)
+    shutil.rmtree(run / "lora" / "step_0000002")
+    assert "finished at step 2" in _run_train(run, *args).stdout
+    assert (run / "lora" / "step_0000002" / "spatialalign.json").is_file()
 
 
 def test_mesh_that_does_not_match_devices_is_an_error(tmp_path):
