@@ -188,9 +188,20 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
         if lora_cfg is not None and lora_cfg == ckpt_lora:
             want["lora"] = _nest({k: jax.ShapeDtypeStruct(shapes[k], targets[k].dtype, sharding=shardings[k])
                                   for k in lora_names})
-        restored = ocp.StandardCheckpointer().restore(path.absolute() / "params", want, strict=False)
+        ckptr = ocp.StandardCheckpointer()
+        # strict=False lets the restore skip what was not asked for, but it would also pad or cut an
+        # array whose stored shape differs from the config's: check the shapes first.
+        stored = {k: tuple(v.shape) for part in ckptr.metadata(path.absolute() / "params").item_metadata.tree.values()
+                  for k, v in _flatten(part).items()}
+        wrong = [f"{k}: stored {stored[k]}, the config makes {shapes[k]}" for k in shapes
+                 if k in stored and stored[k] != shapes[k]]
+        if wrong:
+            raise ValueError(f"{path}: weights do not fit the config in {META_FILE}: " + "; ".join(wrong[:5]))
+        restored = ckptr.restore(path.absolute() / "params", want, strict=False)
         values = _flatten(restored["base"])
         values.update(_flatten(restored.get("lora", {})))
+        # without a mesh Orbax hands back host numpy arrays; the model's weights belong on the device
+        values = {k: v if isinstance(v, jax.Array) else _place(v, targets[k].dtype, None) for k, v in values.items()}
     else:
         values = {k: _place(v, targets[k].dtype, shardings[k]) for k, v in base_source.items()}
 

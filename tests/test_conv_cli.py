@@ -72,6 +72,28 @@ def test_peft_lora_forward_equals_diffusers(work):
     assert _rel_err(_flax_forward(work["ckpt"], *args, use_lora=False), work["ref_base"]) <= RTOL
 
 
+def test_converted_checkpoint_loads_onto_the_device_and_checks_shapes(work, tmp_path):
+    """Without a mesh the weights still land on the device (Orbax alone would hand back numpy arrays),
+    and a config that no longer fits the stored weights is an error, not a silent pad or cut."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from spatialalign_jax import load_transformer
+    from spatialalign_jax.checkpoint import META_FILE
+
+    leaves = jax.tree.leaves(nnx.state(load_transformer(work["ckpt"])))
+    assert leaves and all(isinstance(v, jax.Array) for v in leaves)
+    edited = tmp_path / "edited"
+    shutil.copytree(work["ckpt"], edited)
+    meta = json.loads((edited / META_FILE).read_text())
+    meta["config"]["ffn_dim"] += 8
+    (edited / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit the config"):
+        load_transformer(edited)
+
+
 def test_export_round_trip(work, tmp_path):
     from diffusers import WanTransformer3DModel
 
