@@ -338,7 +338,8 @@ def normalize_lora(
 
     Alpha, in order of precedence: the `alpha` argument (the CLI's --lora-alpha), per-module `.alpha`
     keys, the adapter metadata (`lora_alpha`, `alpha_pattern`), else alpha = rank (PEFT's convention
-    for weights that carry no alpha), logged. Modules whose rank or alpha differ from the common one
+    for weights that carry no alpha), logged. An rsLoRA adapter (`use_rslora` in the metadata) becomes
+    the plain LoRA of the same scale. Modules whose rank or alpha differ from the common one
     are brought to it exactly: A is zero-padded to the largest rank and the scale ratio folded into B.
     """
     sd = _remove_prefix(sd)
@@ -426,6 +427,10 @@ def normalize_lora(
         log.info("%s carries no alpha: using alpha = rank (scale 1), PEFT's convention; "
                  "pass --lora-alpha to override", source)
 
+    if metadata and {k.removeprefix("transformer."): v for k, v in metadata.items()}.get("use_rslora"):
+        # rsLoRA scales by alpha / sqrt(r): the same as plain LoRA with alpha * sqrt(r)
+        per_module = {m: a * float(np.sqrt(ranks[m])) for m, a in per_module.items()}
+        log.info("%s uses rsLoRA (scale alpha / sqrt(rank)): stored as plain LoRA with alpha * sqrt(rank)", source)
     rank = max(ranks.values())
     # The most common alpha among full-rank modules keeps most modules bit-identical.
     alpha_out = Counter(per_module[m] for m in factors if ranks[m] == rank).most_common(1)[0][0]

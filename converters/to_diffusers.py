@@ -58,6 +58,9 @@ def _base_state_dict(base_path: str | Path, cfg) -> dict[str, np.ndarray]:
 
     if is_checkpoint(base_path):
         meta, base, _ = read_checkpoint(base_path)
+        if not meta.get("has_base", True):
+            raise ValueError(f"--base {str(base_path)!r} holds LoRA weights only; pass the base model it was "
+                             "trained on (a diffusers folder, an original Wan checkpoint or a converted base)")
         base_cfg, sd = WanConfig.from_diffusers(meta["config"]), diffusers_from_flax(
             WanConfig.from_diffusers(meta["config"]), base)
     else:

@@ -87,6 +87,8 @@ def convert(
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
+    if lora_alpha is not None and lora is None:  # before minutes of reading the base
+        raise ValueError("--lora-alpha needs --lora")
     dst = io.check_destination(dst, overwrite=overwrite)
     base = io.read_base(src, config_path=config)
     log.info("read %s (%s layout, %d tensors, %s)", base.source, base.layout, len(base.state_dict), base.dtype)
@@ -107,8 +109,6 @@ def convert(
     lora_cfg = lora_flat = None
     if lora is not None:
         lora_cfg, lora_flat = prepare_lora(cfg, base_shapes, io.read_lora(lora, alpha=lora_alpha))
-    elif lora_alpha is not None:
-        raise ValueError("--lora-alpha needs --lora")
 
     save_checkpoint(dst, cfg, flat, lora_cfg, lora_flat, overwrite=overwrite)  # atomic itself
     log.info("wrote %s (%d base tensors%s)", dst, len(flat),

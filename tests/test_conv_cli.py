@@ -365,6 +365,8 @@ def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
     assert_same_arrays({k: v.numpy() for k, v in load_file(tmp_path / "x.safetensors").items()},
                         load_file(work["lora_file"]))
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "lora_only"), "--merge"], "LoRA weights only", cli=to_diffusers)
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "lora_only"), "--merge", "--base", str(tmp_path / "lora_only")],
+           "holds LoRA weights only; pass the base model", cli=to_diffusers)
     # --merge into the base it names: --base, or the base path a training run records in its meta
     from diffusers import WanTransformer3DModel
 

@@ -222,6 +222,25 @@ def test_mixed_ranks_are_padded_exactly():
                                _delta(a2, b2, 1 / 2), rtol=1e-5, atol=1e-5)
 
 
+def test_rslora_keeps_peft_scale():
+    """An rsLoRA adapter (scale alpha / sqrt(r)) loads as the plain LoRA whose delta PEFT itself computes."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 24)),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_rslora=True))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    want = layer.get_delta_weight("default").detach().numpy()
+    a, b = layer.lora_A["default"].weight.detach().numpy(), layer.lora_B["default"].weight.detach().numpy()
+    sd = {"blocks.0.attn2.to_k.lora_A.weight": a, "blocks.0.attn2.to_k.lora_B.weight": b}
+    lora = layouts.normalize_lora(sd, metadata={"transformer.lora_alpha": 8, "transformer.r": 4,
+                                                "transformer.use_rslora": True})
+    w = lora.weights
+    got = _delta(w["blocks.0.attn2.to_k.lora_A.weight"], w["blocks.0.attn2.to_k.lora_B.weight"], lora.alpha / lora.rank)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_no_alpha_means_alpha_equals_rank_and_says_so(peft_lora, tmp_path, caplog):
     _, sd = peft_lora
     save_file({f"transformer.{k}": torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bare.safetensors")

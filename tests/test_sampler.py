@@ -251,6 +251,7 @@ def test_cli_bad_inputs(tmp_path, model_dir, capsys):
     assert "seeds must lie in" in error_of(tmp_path / "text", "--seeds", "-4")
     assert "--mesh 'data=3'" in error_of(tmp_path / "text", "--mesh", "data=3")
     assert "--steps (0)" in error_of(tmp_path / "text", "--steps", "0")
+    assert "--shift must be > 0" in error_of(tmp_path / "text", "--shift", "0")
     assert "is not a store" in error_of(tmp_path / "missing")
     assert main(["--model", str(tmp_path / "nope"), "--store", str(tmp_path / "text")]) == 2
     err = capsys.readouterr().err
