@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from scoring.evaluate import EvaluationError
 from scoring.prompts import PromptTableError, load_prompt_csv
-from spatialalign_jax.store import SPLITS, TEXT_DTYPES, StoreError, Store, create_store
+from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, shard_arg
 
 log = logging.getLogger("scoring")
 
@@ -46,6 +47,16 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,21,60,104, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _check_model_path(path: str | None, flag: str, *, file_ok: bool = False) -> None:
@@ -198,9 +209,7 @@ def _check_score_models(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from scoring.run import score_store, score_video_dir
-    from spatialalign_jax.store import parse_shard
-
-    shard = parse_shard(args.shard)
+    shard = args.shard
     if args.store:
         if args.vae is None:
             raise CliError("score --store needs --vae (the Wan VAE folder that decodes the latents)")
@@ -294,7 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--half", action="store_true", help="float16 weights and activations on CUDA")
-    p.add_argument("--batch-size", type=int, default=8, help="frames (detector) or prompts (encoder) per batch")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="frames (detector) or prompts (encoder) per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of item errors)")
 
@@ -350,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results folder for --videos (OUT/scores/{name}.json)")
     p.add_argument("--vae", help="Wan VAE folder (AutoencoderKLWan) for --store")
     _add_detection(p, required=True)
-    p.add_argument("--shard", default="0/1", help="i/n: score the prompts with index %% n == i")
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/n: score the prompts with index %% n == i")
     p.add_argument("--retry-failed", action="store_true", help="re-score samples with a failure status")
     p.add_argument("--num-frames", type=int, default=None, help="--videos: required frame count (81 for Wan2.1)")
     p.add_argument("--mp4-dir", help="--store: also write each decoded video here as {prompt_id}_{seed}.mp4")
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (CliError, StoreError, PromptTableError, FileNotFoundError) as e:
+    except (CliError, StoreError, PromptTableError, EvaluationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,10 @@ log = logging.getLogger("scoring")
 QualityMetric = Callable[[np.ndarray, "np.ndarray | None"], float]
 
 
+class EvaluationError(ValueError):
+    """Nothing to evaluate in what was given; the message names the fix."""
+
+
 @dataclass
 class EvalSample:
     """One sample under evaluation."""
@@ -48,7 +52,9 @@ def store_samples(store: Store, split: str | None = None,
     dsr, status, seeds = store.read_dsr(), store.read_status(), store.read_seeds()
     prompts = [p for p, row in enumerate(store.prompts) if split is None or row["split"] == split]
     if not prompts:
-        raise ValueError(f"store {store.path} has no prompts of split {split!r}")
+        splits = sorted({row["split"] for row in store.prompts})
+        raise EvaluationError(f"store {store.path} has no prompts of split {split!r}; its splits: {splits} "
+                              "(--split)")
     boxes_a, _ = store.read_boxes(prompts)
     out = []
     for k, p in enumerate(prompts):
@@ -127,9 +133,12 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
                      progress: bool = True) -> dict[str, Any]:
     """Build, write and return the report; prints the Correctness@tau table."""
     if not samples:
-        raise ValueError("there are no samples to evaluate")
+        raise EvaluationError("there are no samples to evaluate: no video named {prompt_id}_{seed}.mp4 matches a "
+                              "row of the prompt table, or the store has no samples")
     out_dir = Path(out_dir)
-    dsr = np.array([s.dsr for s in samples], np.float64)
+    # Only a valid sample's score counts: a crash between the scorer's two writes can leave a score
+    # whose status still says unscored.
+    dsr = np.array([s.dsr if s.status == Status.VALID else math.nan for s in samples], np.float64)
     status = np.array([int(s.status) for s in samples])
     types = [s.type for s in samples]
     curve = correctness_curve(dsr, CORRECTNESS_TAUS)
@@ -146,8 +155,8 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
     if notes:
         report["notes"] = dict(notes)
     report["samples"] = [
-        {"prompt_id": s.prompt_id, "seed": s.seed, "type": s.type, "status": s.status.name, "dsr": s.dsr}
-        for s in samples
+        {"prompt_id": s.prompt_id, "seed": s.seed, "type": s.type, "status": s.status.name, "dsr": float(d)}
+        for s, d in zip(samples, dsr)
     ]
     table = correctness_table({label: curve})
     print(table)

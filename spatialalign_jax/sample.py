@@ -37,7 +37,7 @@ import numpy as np
 
 from . import schedule
 from .sampler import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, SOLVERS, check_seeds, pad_text, sample
-from .store import SPLITS, Store, StoreError, parse_shard
+from .store import SPLITS, Store, StoreError, shard_arg
 
 log = logging.getLogger("spatialalign_jax.sample")
 
@@ -69,13 +69,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds is empty")
     return seeds
-
-
-def _shard_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_shard(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
@@ -216,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale; <= 1 turns CFG off")
     ap.add_argument("--shift", type=float, default=schedule.SHIFT, help="flow shift of the sampling schedule")
     ap.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER)
-    ap.add_argument("--shard", type=_shard_arg, default=(0, 1), help="i/n: the prompts with index %% n == i")
+    ap.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/n: the prompts with index %% n == i")
     ap.add_argument("--mesh", default=None, help="data=D,fsdp=F over this process's devices (default: one device)")
     ap.add_argument("--batch", type=int, default=1, help="samples per sampler call (a multiple of the mesh size)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")

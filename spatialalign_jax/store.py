@@ -126,6 +126,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """`parse_shard` as an argparse type: a bad --shard is a usage error with this message."""
+    import argparse
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class StoreError(ValueError):
     """A store that does not exist, has another layout, or is inconsistent with store.json."""
 

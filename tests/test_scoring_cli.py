@@ -119,6 +119,29 @@ def test_evaluate_store_report(tmp_path, capsys):
     assert [s["dsr"] for s in report["samples"]] == pytest.approx([1.0, 0.5, 0.875, 0.625, 0.875, None])
     assert (out / "correctness.png").read_bytes()[:4] == b"\x89PNG"
     assert "0.7" in (out / "correctness.txt").read_text()
+    # A rescore that stopped after reset_score's first write: the old score is still there, but the
+    # sample is unscored and counts as not correct.
+    st._arrays["status"][0, 0].write(np.int8(Status.UNSCORED)).result()
+    assert main(["evaluate", "--store", str(st.path), "--out", str(out), "--no-progress"]) == 0
+    d = json.loads((out / "report.json").read_text())["dsr"]
+    assert d["num_unscored"] == 1 and d["correctness@0.7"] == pytest.approx(2 / 6)
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    st = create_store(tmp_path / "s", [dict(r, split="test") for r in _rows(["LR"])], samples_per_prompt=1,
+                      latent_shape=(1, T, 3, 4), num_frames=T, text_dim=4)
+    for argv, message in [(["score", "--store", str(st.path), "--shard", "4/4"], "0 <= i < n"),
+                          (["score", "--store", str(st.path), "--shard", "0-4"], "i/n"),
+                          (["score", "--store", str(st.path), "--batch-size", "0"], "whole number >= 1")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err, argv
+    assert main(["evaluate", "--store", str(st.path), "--split", "train", "--out", str(tmp_path / "r")]) == 2
+    assert "no prompts of split 'train'" in capsys.readouterr().err
+    vids, csv = tmp_path / "v", _write_csv(tmp_path / "p.csv", _rows(["LR"]))
+    vids.mkdir()
+    assert main(["evaluate", "--videos", str(vids), "--csv", str(csv), "--out", str(tmp_path / "r")]) == 2
+    assert "{prompt_id}_{seed}.mp4" in capsys.readouterr().err
 
 
 def test_evaluate_video_folder_with_fake_quality(tmp_path, capsys):
