@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from scoring.dsr import CORRECTNESS_TAUS, correctness_curve
 from scoring.metrics import correctness_table, dsr_report, plot_correctness, write_json_atomic, write_text_atomic
-from scoring.run import list_videos, load_video_results, record_boxes
+from scoring.run import list_videos, load_video_results, record_boxes, result_is_current
 from scoring.video import read_video, video_name
 from spatialalign_jax.store import Status, Store
 
@@ -70,29 +70,64 @@ def store_samples(store: Store, split: str | None = None,
 
 def video_dir_samples(video_dir: str | os.PathLike, prompts: Sequence[Mapping[str, str]],
                       results_dir: str | os.PathLike, num_frames: int | None = None) -> tuple[list[EvalSample], dict]:
-    """The videos of ``video_dir`` that match a prompt row, with their results (if scored).
+    """The samples of a video folder, with the results of their videos (if scored): every prompt row
+    owes as many samples as the prompt with the most videos has.
 
-    Also returns notes for the report: files with no prompt row and prompts without any video.
+    Correctness@tau divides by all samples (SPEC section 3), so a sample without its video counts as
+    an unscored one. Also returns notes for the report: the missing videos, files with
+    no prompt row, second files for one (prompt, seed), and videos changed since they were scored.
     """
     results = load_video_results(results_dir)
-    samples, unmatched = [], []
-    seen_prompts = set()
+    found: dict[tuple[str, int], EvalSample] = {}
+    unmatched, duplicates, stale = [], [], []
     for item in list_videos(video_dir, prompts):
         if item.prompt is None:
             unmatched.append(item.path.name)
             continue
-        seen_prompts.add(item.prompt["prompt_id"])
+        key = (item.prompt["prompt_id"], item.seed)
+        if key in found:  # e.g. both p.mp4 and p_0.mp4: one sample, scored once
+            duplicates.append(item.path.name)
+            continue
         rec = results.get(item.key)
-        samples.append(EvalSample(
+        if rec is not None and not result_is_current(rec, item.path):
+            stale.append(item.path.name)  # the video was replaced after scoring: its score is not its own
+            rec = None
+        found[key] = EvalSample(
             prompt_id=item.prompt["prompt_id"], seed=item.seed, type=item.prompt["type"],
             status=Status(rec["status"]) if rec else Status.UNSCORED,
             dsr=float("nan") if rec is None or rec["dsr"] is None else float(rec["dsr"]),
             boxes_animal=record_boxes(rec, "boxes_animal") if rec else None,
             frames=(lambda path=item.path: read_video(path, num_frames)),
-        ))
+        )
+    # Every prompt owes as many samples as the fullest one has. Test sets share their seeds (0..K-1),
+    # so a missing one can be named; otherwise (per-prompt seeds) the gap is counted, seed unknown.
+    by_prompt: dict[str, list[int]] = {}
+    for pid, seed in found:
+        by_prompt.setdefault(pid, []).append(seed)
+    per_prompt = max((len(v) for v in by_prompt.values()), default=0)
+    union = sorted({seed for _, seed in found})
+    shared = len(union) == per_prompt
+    samples, missing = [], []
+    for row in prompts:
+        pid = row["prompt_id"]
+        have = sorted(by_prompt.get(pid, []))
+        samples.extend(found[(pid, seed)] for seed in have)
+        gaps = [seed for seed in union if seed not in have] if shared else [None] * (per_prompt - len(have))
+        for seed in gaps:
+            missing.append(video_name(pid, seed) if seed is not None else f"{pid}_?.mp4")
+            samples.append(EvalSample(prompt_id=pid, seed=seed, type=row["type"], status=Status.UNSCORED,
+                                      dsr=float("nan")))
+    for what, names in (("videos are missing (they count as unscored samples)", missing),
+                        ("files repeat a (prompt, seed) that another file has (ignored)", duplicates),
+                        ("videos changed after they were scored; they count as unscored until scored again", stale)):
+        if names:
+            log.warning("%d %s: %s", len(names), what, ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
     notes = {
+        "missing_videos": missing,
+        "duplicate_videos": duplicates,
+        "videos_changed_since_scored": stale,
         "videos_without_prompt_row": unmatched,
-        "prompts_without_videos": [r["prompt_id"] for r in prompts if r["prompt_id"] not in seen_prompts],
+        "prompts_without_videos": [r["prompt_id"] for r in prompts if r["prompt_id"] not in by_prompt],
     }
     return samples, notes
 

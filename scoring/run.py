@@ -307,10 +307,32 @@ def load_video_results(results_dir: str | os.PathLike) -> dict[str, dict[str, An
     return out
 
 
+def video_fingerprint(path: Path) -> dict[str, int]:
+    """Size and modification time of a video file: a score belongs to the file as it was then."""
+    st = path.stat()
+    return {"video_size": st.st_size, "video_mtime_ns": st.st_mtime_ns}
+
+
+def result_is_current(rec: Mapping[str, Any], path: Path) -> bool:
+    """Whether a result record still describes the file at ``path`` (records without a fingerprint
+    predate it and are trusted)."""
+    if "video_size" not in rec:
+        return True
+    try:
+        return video_fingerprint(path) == {k: rec.get(k) for k in ("video_size", "video_mtime_ns")}
+    except OSError:
+        return False
+
+
 def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
     """A video's result file (write_json_atomic turns NaN dsr and box rows into null)."""
+    try:
+        fingerprint = video_fingerprint(item.path)
+    except OSError:
+        fingerprint = {}
     return {
         "video": item.path.name,
+        **fingerprint,
         "prompt_id": item.prompt["prompt_id"] if item.prompt else None,
         "seed": item.seed,
         "type": item.prompt["type"] if item.prompt else None,
@@ -380,7 +402,9 @@ def score_video_dir(
         if item.shard_key % n != i:
             continue
         rec = done.get(item.key)
-        if rec is not None and _is_done(Status(rec["status"]), retry_failed):
+        if rec is not None and not result_is_current(rec, item.path):
+            log.info("%s changed since it was scored: scoring it again", item.path.name)
+        elif rec is not None and _is_done(Status(rec["status"]), retry_failed):
             summary.skipped_done += 1
             continue
         work.append(item)

@@ -161,9 +161,12 @@ def test_evaluate_video_folder_with_fake_quality(tmp_path, capsys):
     # CLI evaluate without models reads the saved scores.
     assert main(["evaluate", "--videos", str(vids), "--csv", str(csv), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["dsr"]["num_samples"] == 3  # the stray file is not a sample of the prompt table
-    assert report["dsr"]["correctness@0.7"] == pytest.approx(2 / 3)
+    # The stray file is not a sample of the prompt table; prompt 0 lacks its seed-4 video, which
+    # still counts (as unscored): 4 samples, 2 of them correct.
+    assert report["dsr"]["num_samples"] == 4 and report["dsr"]["num_unscored"] == 1
+    assert report["dsr"]["correctness@0.7"] == pytest.approx(2 / 4)
     assert report["notes"]["videos_without_prompt_row"] == ["stray.mp4"]
+    assert report["notes"]["missing_videos"] == [f"{rows[0]['prompt_id']}_4.mp4"]
     samples, _ = video_dir_samples(vids, rows, out, num_frames=T)
     seen = []
 

@@ -189,6 +189,21 @@ def test_video_folder(tmp_path):
     det = ColorDetector()
     summary = score_video_dir(vids, rows, out, det, ColorTracker(), num_frames=T, progress=False)
     assert summary.skipped_done == 7 and det.calls == 0
+    # A video replaced after scoring (a new checkpoint's sample under the same name): its old score no
+    # longer counts, and the next run scores it again, alone.
+    from scoring.evaluate import video_dir_samples
+
+    a, o = trajectory("LR", T)
+    write_video(vids / "0_LR_0.mp4", render(a[::-1].copy(), o))  # now it moves right to left
+    samples, notes = video_dir_samples(vids, rows, out, num_frames=T)
+    assert notes["videos_changed_since_scored"] == ["0_LR_0.mp4"]
+    assert [s.status.name for s in samples if (s.prompt_id, s.seed) == (rows[0]["prompt_id"], 0)] == ["UNSCORED"]
+    summary = score_video_dir(vids, rows, out, ColorDetector(), ColorTracker(), num_frames=T, progress=False)
+    assert summary.skipped_done == 6 and sum(summary.scored.values()) == 1
+    assert load_video_results(out)["0_LR_0"]["dsr"] < 0.5
+    write_video(vids / "0_LR_0.mp4", render(a, o))  # put the original back for the comparisons below
+    score_video_dir(vids, rows, out, ColorDetector(), ColorTracker(), num_frames=T, progress=False)
+    res = load_video_results(out)
     out2 = tmp_path / "out2"
     n = [sum(score_video_dir(vids, rows, out2, ColorDetector(), ColorTracker(), num_frames=T, shard=(i, 2),
                              progress=False).scored.values()) for i in range(2)]
@@ -206,3 +221,27 @@ def test_parse_shard():
 def test_top_position_is_above_object():
     # Guards the fixture: y points down, TOP must be above (smaller y) the object.
     assert TOP[3] < trajectory("LT", T)[1][0][1]
+
+
+def test_video_folder_samples_count_missing_and_duplicate_videos(tmp_path):
+    """Every prompt owes as many samples as the fullest prompt has (SPEC 3: Correctness@tau divides by
+    all samples): a missing video is an unscored sample, a second file for one (prompt, seed) is not."""
+    from scoring.evaluate import video_dir_samples
+
+    rows = [{"prompt_id": pid, "type": "LR"} for pid in ("A", "B", "C")]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("A_0", "A_1", "B", "B_0"):  # B.mp4 and B_0.mp4 are both (B, seed 0)
+        (shared / f"{name}.mp4").touch()
+    samples, notes = video_dir_samples(shared, rows, tmp_path / "out")
+    assert [(s.prompt_id, s.seed, s.status.name) for s in samples] == [
+        ("A", 0, "UNSCORED"), ("A", 1, "UNSCORED"), ("B", 0, "UNSCORED"), ("B", 1, "UNSCORED"),
+        ("C", 0, "UNSCORED"), ("C", 1, "UNSCORED")]
+    assert notes["missing_videos"] == ["B_1.mp4", "C_0.mp4", "C_1.mp4"]
+    assert len(notes["duplicate_videos"]) == 1 and notes["prompts_without_videos"] == ["C"]
+    own = tmp_path / "own"  # per-prompt seeds (a train split): the gap is counted, its seed unknown
+    own.mkdir()
+    for name in ("A_11", "A_12", "B_21", "C_31", "C_32"):
+        (own / f"{name}.mp4").touch()
+    samples, notes = video_dir_samples(own, rows, tmp_path / "out")
+    assert len(samples) == 6 and notes["missing_videos"] == ["B_?.mp4"]
