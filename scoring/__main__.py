@@ -84,7 +84,8 @@ def _decide_device_and_dtype(args: argparse.Namespace):
     dtype = torch.float32
     if args.half:
         if device.startswith("cuda"):
-            dtype = torch.float16
+            # bfloat16 where the card has it: umT5-XXL overflows float16 (Wan runs it in bfloat16)
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             log.warning("--half is ignored on the CPU: running in float32")
     return device, dtype
@@ -302,7 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--half", action="store_true", help="float16 weights and activations on CUDA")
+    p.add_argument("--half", action="store_true", help="half-precision weights and activations on CUDA (bfloat16, or float16 on cards without it)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="frames (detector) or prompts (encoder) per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of item errors)")

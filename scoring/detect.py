@@ -60,9 +60,9 @@ def detection_text(animal: str, obj: str) -> str:
 def check_frames(frames: np.ndarray) -> np.ndarray:
     """``frames`` as a (T, H, W, 3) uint8 array, or a clear error."""
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise ValueError(
-            f"frames must be a (T, H, W, 3) uint8 array of RGB frames, got shape {frames.shape} "
+            f"frames must be a (T, H, W, 3) uint8 array of T >= 1 RGB frames, got shape {frames.shape} "
             f"dtype {frames.dtype}"
         )
     return frames

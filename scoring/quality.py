@@ -5,7 +5,8 @@ crop instead of the whole frame. Each crop is resized as VBench's ``dino_transfo
 (shorter side to 224, aspect kept, bilinear without antialiasing; scaled to [0, 1], ImageNet mean/std)
 and encoded by DINOv2 (transformers ``AutoModel`` from a local folder; the feature is
 ``pooler_output``, the layer-normed CLS token). With L2-normalised features f_0..f_{n-1} of the
-frames that have an animal box (frames without one are skipped),
+frames that have an animal box (frames without one, or whose box is a sliver more than 4 times as
+long as it is wide, are skipped),
 
     ID = 1/(n-1) * sum_{i>=1} ( max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i)) ) / 2,
 
@@ -53,14 +54,23 @@ def subject_consistency(features: np.ndarray) -> float:
     return float(np.mean((to_previous + to_first) / 2))
 
 
+# A sliver of a box (an animal leaving the frame) resized to 224 on its short side becomes a huge
+# DINOv2 input (480 x 1 px -> 107520 x 224) whose feature says little about the animal: skip it.
+MAX_CROP_ASPECT = 4.0
+
+
 def crop_box(frame: np.ndarray, box: np.ndarray) -> np.ndarray | None:
-    """The (h, w, 3) crop of ``box`` in ``frame``, or None when the box is missing or empty."""
+    """The (h, w, 3) crop of ``box`` in ``frame``, or None when the box is missing, empty or a sliver
+    (one side more than ``MAX_CROP_ASPECT`` times the other)."""
     if not np.all(np.isfinite(box)):
         return None
     height, width = frame.shape[:2]
     x0, y0 = max(int(math.floor(box[0])), 0), max(int(math.floor(box[1])), 0)
     x1, y1 = min(int(math.floor(box[2])), width - 1), min(int(math.floor(box[3])), height - 1)
     if x1 < x0 or y1 < y0:
+        return None
+    h, w = y1 - y0 + 1, x1 - x0 + 1
+    if max(h, w) > MAX_CROP_ASPECT * min(h, w):
         return None
     return frame[y0 : y1 + 1, x0 : x1 + 1]
 
@@ -138,6 +148,8 @@ class ClipIqa:
     ):
         from transformers import AutoProcessor, CLIPModel
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.native_resolution = native_resolution
         self.model, self.device, self.dtype = load_pretrained(CLIPModel, model_dir, "CLIP", device, dtype)

@@ -48,7 +48,7 @@ class WanVaeDecoder:
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         z_dim = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
-        self.latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1)
 
     def num_frames(self, latent_frames: int) -> int:
         """Decoded frames for ``latent_frames`` latent frames (21 -> 81 for Wan)."""
@@ -71,8 +71,9 @@ class WanVaeDecoder:
         for batch in latents.split(self.batch_size):
             batch = batch.to(self.device, self.dtype)
             mean = self.latents_mean.to(batch.device, batch.dtype)
-            std = self.latents_std.to(batch.device, batch.dtype)
-            video = self.vae.decode(batch / std + mean, return_dict=False)[0]
+            # WanPipeline's order of operations: the reciprocal in the latents' dtype, then divide by it
+            inv_std = 1.0 / self.latents_std.to(batch.device, batch.dtype)
+            video = self.vae.decode(batch / inv_std + mean, return_dict=False)[0]
             frames = self.video_processor.postprocess_video(video, output_type="pt")  # (b, T, 3, H, W) in [0, 1]
             # To uint8 on the device so that only a quarter of float32's bytes cross to the host. The
             # "np" output would be frames.float() on the host, and float32 products are correctly

@@ -154,6 +154,7 @@ class PairSampler:
         self.num_hosts = int(num_hosts)
         self.host_index = int(host_index)
         self.step = 0  # the step of the next batch a consumer takes
+        self._prefetching = False  # a Prefetcher is reading ahead
         self.refresh()
 
     @property
@@ -161,7 +162,13 @@ class PairSampler:
         return self.global_batch_size // self.num_hosts
 
     def refresh(self) -> PairTable:
-        """Re-reads labels, latents and text markers from the store and rebuilds the pair table."""
+        """Re-reads labels, latents and text markers from the store and rebuilds the pair table.
+
+        Not while a prefetcher reads ahead: the batches it holds came from the old table, so the step
+        that first sees the new one would depend on the thread's timing, differently on every host.
+        """
+        if self._prefetching:
+            raise RuntimeError("refresh() while a prefetcher reads ahead: close it first, then prefetch again")
         st = self.store
         status, dsr = st.read_status(), st.read_dsr()
         seeds, text_len = st.read_seeds(), st.read_text_lengths()
@@ -281,7 +288,10 @@ class Prefetcher:
     def __init__(self, sampler: PairSampler, depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        if sampler._prefetching:
+            raise RuntimeError("this sampler already has a live prefetcher; close it first")
         self.sampler = sampler
+        sampler._prefetching = True
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(sampler.step,), name="pair-prefetch", daemon=True)
@@ -327,6 +337,7 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.sampler._prefetching = False
 
     def __enter__(self) -> "Prefetcher":
         return self

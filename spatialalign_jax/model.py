@@ -250,7 +250,11 @@ class WanTransformer3DModel(nnx.Module):
         grid = (hidden_states.shape[2] // pt, hidden_states.shape[3] // ph, hidden_states.shape[4] // pw)
         rope = rope_tables(cfg.rope_dims, grid, cfg.rope_max_seq_len)
 
-        timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
+        timestep = jnp.asarray(timestep)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, batch)):
+            raise ValueError(f"timestep must be a scalar or (batch,) = ({batch},), got shape {timestep.shape}; "
+                             "per-token timesteps (Wan2.2 TI2V) are not supported")
+        timestep = jnp.broadcast_to(timestep, (batch,))
         context = encoder_hidden_states.astype(self.dtype)
         x = self.patch_embedding(hidden_states.astype(self.dtype))
         temb, timestep_proj, context = self.condition_embedder(timestep, context, use_lora)

@@ -8,12 +8,16 @@ their optimiser state are small and replicated.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from typing import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -81,7 +85,16 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def param_shardings(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {name: NamedSharding(mesh, param_spec(name, tuple(shape), mesh)) for name, shape in shapes.items()}
+    specs = {name: param_spec(name, tuple(shape), mesh) for name, shape in shapes.items()}
+    fsdp = mesh.shape["fsdp"]
+    # A weight the fsdp size divides along no axis stays whole on every device: correct, but memory
+    # the user planned to split. Say so (norm scales and biases are small and expected).
+    whole = [n for n, spec in specs.items() if spec == P() and fsdp > 1 and math.prod(shapes[n]) >= 1 << 20]
+    if whole:
+        log.warning("fsdp=%d divides no axis of %d large weights, which stay whole on every device (%s); an fsdp "
+                    "size that divides the model width shards them", fsdp, len(whole),
+                    ", ".join(whole[:4]) + (" ..." if len(whole) > 4 else ""))
+    return {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -34,8 +34,8 @@ class StepConfig:
     lam: float = 0.5
     clip: float | None = 5.0
     lam_sft: float = 0.5
-    # SPEC: one timestep index shared by the batch; here by each micro-batch (all devices' pairs of one
-    # accumulation step), so the reference run's 48 pairs see 12 indices; True: one per pair.
+    # SPEC: one timestep index shared by the step's whole batch (every micro-batch of the accumulation);
+    # True: one per pair.
     per_pair_timestep: bool = False
     shared_noise: bool = False  # SPEC: winner and loser get independent noise
     shift: float = schedule.SHIFT
@@ -64,10 +64,17 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
-def draw_noise(key: jax.Array, latents_w: jax.Array, cfg: StepConfig) -> dict[str, jax.Array]:
-    """Noise for one micro-batch of pairs: eps for winner and loser and a sigma per pair."""
-    k_sigma, k_w, k_l = jax.random.split(key, 3)
-    sigma = schedule.sample_sigma(k_sigma, latents_w.shape[0], per_pair=cfg.per_pair_timestep, shift=cfg.shift)
+def draw_sigmas(key: jax.Array, accum: int, pairs: int, cfg: StepConfig) -> jax.Array:
+    """The noise levels of one optimiser step, (accum, pairs): one timestep index for the step's whole
+    batch, every micro-batch of the accumulation included (SPEC 5), or one per pair."""
+    if cfg.per_pair_timestep:
+        return schedule.sample_sigma(key, accum * pairs, per_pair=True, shift=cfg.shift).reshape(accum, pairs)
+    return jnp.broadcast_to(schedule.sample_sigma(key, 1, shift=cfg.shift), (accum, pairs))
+
+
+def draw_noise(key: jax.Array, latents_w: jax.Array, sigma: jax.Array, cfg: StepConfig) -> dict[str, jax.Array]:
+    """Noise for one micro-batch of pairs at noise levels `sigma`: eps for winner and loser."""
+    k_w, k_l = jax.random.split(key)
     eps_w = jax.random.normal(k_w, latents_w.shape, jnp.float32)
     eps_l = eps_w if cfg.shared_noise else jax.random.normal(k_l, latents_w.shape, jnp.float32)
     return {"eps_w": eps_w, "eps_l": eps_l, "sigma": sigma}
@@ -111,15 +118,17 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
         if given and len(given) != len(NOISE_KEYS):
             raise ValueError(f"the batch brings noise {sorted(given)}; bring all of {NOISE_KEYS} or none "
                              "(then the step draws them from its key)")
+        sigma_key, key = jax.random.split(key)
+        sigmas = draw_sigmas(sigma_key, accum, batch["latents_w"].shape[1], cfg)
         keys = jax.random.split(key, accum)
 
         def body(grads, xs):
-            mb, nz, k = xs
-            noise = nz if nz else draw_noise(k, mb["latents_w"], cfg)
+            mb, nz, k, sigma = xs
+            noise = nz if nz else draw_noise(k, mb["latents_w"], sigma, cfg)
             (_, metrics), g = value_and_grad(lora, base, mb, noise)
             return jax.tree.map(jnp.add, grads, g), metrics
 
-        grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, lora), (data, given, keys))
+        grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, lora), (data, given, keys, sigmas))
         return jax.tree.map(lambda g: g / accum, grads), jax.tree.map(lambda m: m.mean(0), metrics)
 
     return grads_and_metrics

@@ -167,7 +167,13 @@ def test_prefetch_order_state_and_errors(tmp_path):
     with sampler.prefetch(depth=2) as pf:
         got = [next(pf) for _ in range(4)]
         assert sampler.step == 6  # consumed, not prefetched
+        # batches read ahead came from the current table: no refresh, no second reader meanwhile
+        with pytest.raises(RuntimeError, match="close it first"):
+            sampler.refresh()
+        with pytest.raises(RuntimeError, match="close it first"):
+            sampler.prefetch()
     assert not pf._thread.is_alive()
+    sampler.refresh()  # closed: fine again
     for i, batch in enumerate(got):
         np.testing.assert_array_equal(batch["latents_w"], sampler.read_batch(2 + i)["latents_w"])
 

@@ -265,6 +265,9 @@ def test_bad_configs_and_targets(tmp_path):
     TorchWan(**{**CONFIGS["odd_nonsquare"], "rope_max_seq_len": 2}).save_pretrained(big)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         load_transformer(big)(*_inputs("odd_nonsquare"))
+    x, t, ctx = _inputs("odd_nonsquare")
+    with pytest.raises(ValueError, match="per-token timesteps"):
+        WanTransformer3DModel(WanConfig.from_diffusers(CONFIGS["odd_nonsquare"]))(x, jnp.zeros((x.shape[0], 7)), ctx)
 
 
 def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision(monkeypatch):

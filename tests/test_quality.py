@@ -39,6 +39,9 @@ def test_crop_box():
     np.testing.assert_array_equal(crop_box(frame, np.array([-4.0, -1.0, 30.0, 40.0])), frame)
     assert crop_box(frame, np.array([np.nan] * 4)) is None
     assert crop_box(frame, np.array([20.0, 1.0, 30.0, 4.0])) is None  # outside the frame
+    # a sliver (more than 4:1) is skipped; 4:1 itself is kept
+    assert crop_box(frame, np.array([0.0, 0.0, 9.0, 1.0])) is None
+    assert crop_box(frame, np.array([0.0, 0.0, 7.0, 1.0])).shape == (2, 8, 3)
 
 
 def test_id_consistency_against_vbench_steps(dino_dir):
@@ -49,7 +52,7 @@ def test_id_consistency_against_vbench_steps(dino_dir):
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(5, 64, 96, 3), dtype=np.uint8)
-    boxes = np.array([[5, 6, 40, 50], [np.nan] * 4, [10, 8, 70, 30], [0, 0, 95, 63], [30, 20, 31, 60]], dtype=np.float32)
+    boxes = np.array([[5, 6, 40, 50], [np.nan] * 4, [10, 8, 70, 30], [0, 0, 95, 63], [30, 20, 45, 60]], dtype=np.float32)
     metric = IdConsistency(dino_dir, device="cpu")
 
     model = AutoModel.from_pretrained(dino_dir).eval()

@@ -133,3 +133,39 @@ def test_partial_noise_is_an_error(setup):
     grad_fn = make_grad_fn(nnx.split(model, BASE, LORA)[0], step_cfg)
     with pytest.raises(ValueError, match="bring all of"):
         grad_fn(nnx.state(model, LORA), nnx.state(model, BASE), batch, jax.random.key(0))
+
+
+def test_one_timestep_for_the_whole_accumulated_batch():
+    """SPEC 5: a step draws one timestep index for its whole batch, every micro-batch of the gradient
+    accumulation included; `per_pair_timestep` draws one per pair."""
+    from spatialalign_jax import schedule
+    from spatialalign_jax.train_step import StepConfig, draw_sigmas
+
+    table = schedule.sigmas()
+    shared = np.asarray(draw_sigmas(jax.random.key(3), 12, 4, StepConfig()))
+    assert shared.shape == (12, 4) and len(np.unique(shared)) == 1 and np.isin(shared, table).all()
+    per_pair = np.asarray(draw_sigmas(jax.random.key(3), 12, 4, StepConfig(per_pair_timestep=True)))
+    assert per_pair.shape == (12, 4) and len(np.unique(per_pair)) > 1 and np.isin(per_pair, table).all()
+
+
+def test_sharding_rules(caplog):
+    """The one rule table: LoRA, biases and norm scales whole; weights split over fsdp along their
+    largest axis the fsdp size divides, never the scanned layer axis; a large weight that no axis
+    allows stays whole, with a warning."""
+    import logging
+
+    from jax.sharding import PartitionSpec as P
+
+    from spatialalign_jax.sharding import make_mesh, param_shardings
+
+    mesh = make_mesh("data=1,fsdp=8")
+    shapes = {"blocks.attn2.to_k.lora_A": (4, 64, 16), "blocks.norm2.scale": (4, 64), "proj_out.bias": (64,),
+              "blocks.ffn.net.0.proj.kernel": (8, 64, 256), "patch_embedding.kernel": (1, 2, 2, 16, 1536),
+              "blocks.attn1.to_q.kernel": (4, 1500, 500)}
+    with caplog.at_level(logging.WARNING):
+        specs = {k: v.spec for k, v in param_shardings(shapes, mesh).items()}
+    assert specs == {"blocks.attn2.to_k.lora_A": P(), "blocks.norm2.scale": P(), "proj_out.bias": P(),
+                     "blocks.ffn.net.0.proj.kernel": P(None, None, "fsdp"),
+                     "patch_embedding.kernel": P(None, None, None, None, "fsdp"),
+                     "blocks.attn1.to_q.kernel": P()}
+    assert "blocks.attn1.to_q.kernel" in caplog.text and "fsdp=8" in caplog.text
