@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                 explicit[arg] = int(env[var])
         jax.distributed.initialize(**explicit)
 
-    from spatialalign_jax.trainer import NonFiniteLoss, train
+    from spatialalign_jax.trainer import NonFiniteLoss, RunDirBusy, train
 
     try:
         summary = train(rc, progress=not args.no_progress)
-    except (NonFiniteLoss, FloatingPointError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLoss, RunDirBusy, FloatingPointError, FileNotFoundError, ValueError) as e:
         print(f"run_train: error: {e}", file=sys.stderr)
         return 1
     print(f"finished at step {summary['step']}: " + ", ".join(

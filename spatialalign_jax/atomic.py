@@ -12,6 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+_UMASK = os.umask(0)  # read once, at import (setting it back at once); os has no way to only read it
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -20,6 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; the output gets a plain file's mode
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,12 +56,16 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     succeeds it replaces `path`, when it fails (an exception, Ctrl-C) it is removed and `path` is
     untouched.
 
-    A folder cannot be renamed over a non-empty one, so an existing folder is moved aside first. For
-    the instant between the two renames nothing is at `path`; an interruption there puts the old
-    folder back, and a kill there leaves it complete beside `path` as `.{name}.old-*`.
+    A folder cannot be renamed over a non-empty one (nor over a file), so the old output is moved aside
+    first. For the instant between the two renames nothing is at `path`; an interruption there puts
+    the old output back, and after a kill there the next `atomic_output` of `path` does.
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.exists() or path.is_symlink()):  # a kill between the renames: the old output goes back
+        aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.lstat().st_mtime)
+        if aside:
+            os.replace(aside[-1], path)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.with_name(f".{path.name}.tmp-{tag}")
     old = path.with_name(f".{path.name}.old-{tag}")
@@ -65,13 +73,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {tmp}")
-        if path.is_dir() and not path.is_symlink():
+        if (path.is_dir() and not path.is_symlink()) or (tmp.is_dir() and (path.exists() or path.is_symlink())):
             os.replace(path, old)
-        elif tmp.is_dir() and (path.exists() or path.is_symlink()):
-            path.unlink()  # a folder cannot be renamed over a file either
         os.replace(tmp, path)
     finally:
-        if old.exists():
+        if old.exists() or old.is_symlink():
             if path.exists() or path.is_symlink():
                 _remove(old)
             else:  # interrupted between the renames: the old output goes back

@@ -34,11 +34,13 @@ import queue
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from scoring.dsr import DSR_TYPES  # numpy only: the one table of DSR types
+from spatialalign_jax.atomic import atomic_output
 from spatialalign_jax.store import Status, Store, StoreError, create_store
 
 TAU_TRAIN = 0.7
@@ -368,9 +370,23 @@ def make_synthetic_store(
     fourth prompt (p % 4 == 3) has its winner marked invalid and no other sample at or above 0.7,
     so it has no usable threshold pair. Text
     lengths are random in [1, min(max_text_len, 16)]. Returns the store opened "r+".
+
+    Built beside ``path`` and renamed into place: a store at ``path`` is a whole one, even after a
+    Ctrl-C in the middle of the smoke run's first start.
     """
     if samples_per_prompt < 2:
         raise ValueError("a synthetic store needs samples_per_prompt >= 2 (one winner and one loser per prompt)")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(f"cannot create a synthetic store at {path}: it exists and is not empty")
+    with atomic_output(path) as tmp:
+        _fill_synthetic_store(tmp, num_prompts, samples_per_prompt, latent_shape, text_dim, num_frames,
+                              max_text_len, seed)
+    return Store.open(path, mode="r+")
+
+
+def _fill_synthetic_store(path: Path, num_prompts: int, samples_per_prompt: int, latent_shape: Sequence[int],
+                          text_dim: int, num_frames: int, max_text_len: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     prompts = []
     types = list(DSR_TYPES.values())
@@ -404,4 +420,3 @@ def make_synthetic_store(
                 status, dsr = others[int(rng.integers(len(others)))], rng.uniform(0.1, high)
             if status != Status.UNSCORED:
                 store.write_score(p, s, status=status, dsr=dsr)
-    return store

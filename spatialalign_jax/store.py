@@ -302,11 +302,16 @@ class Store:
         path = Path(path)
         meta_path = path / STORE_JSON
         if not meta_path.is_file():
+            partial = path.is_dir() and any(path.iterdir())
             raise StoreError(
-                f"{path} is not a store: {meta_path} is missing (create one with create_store or "
-                f"`python -m scoring create-store`)"
+                f"{path} is not a store: {meta_path} is missing ("
+                + ("a create that was stopped before it finished: delete the folder and create it again"
+                   if partial else "create one with create_store or `python -m scoring create-store`") + ")"
             )
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_path} is not valid JSON ({e}); it was edited by hand or damaged") from None
         version = meta.get("layout_version")
         if version != LAYOUT_VERSION:
             raise StoreError(

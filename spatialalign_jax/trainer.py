@@ -116,10 +116,39 @@ def _export_lora(rc: RunConfig, model: WanTransformer3DModel, lora_state, step: 
                                        "base": str(Path(rc.model.path).absolute()) if rc.model.path else None})
 
 
+class RunDirBusy(RuntimeError):
+    """Another trainer is running in the same run folder."""
+
+
+def _lock_run_dir(run_dir: Path):
+    """Holds an exclusive lock on the run folder for the run (released when the process ends): a second
+    trainer there (a requeued job starting while the old one exits) would delete the first one's
+    in-flight checkpoint and write the same steps."""
+    import fcntl
+
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunDirBusy(f"another trainer is running in {run_dir}; wait for it to finish, or use another "
+                         "run.dir") from None
+    return handle
+
+
 def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the configured training; returns a summary of the last step."""
     run_dir = Path(rc.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_dir(run_dir) if jax.process_index() == 0 else None
+    try:
+        return _train(rc, run_dir, progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(rc: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     mesh = make_mesh(rc.mesh)
     pairs_micro = rc.pairs_per_micro_step(mesh.size)
     chief = jax.process_index() == 0  # the one process that writes run files (Orbax coordinates its own)
@@ -159,8 +188,10 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     def save(step: int, force: bool = False) -> None:
         sampler_state = {**sampler.state_dict(), "step": sampler_start + (step - start) * accum}
         meta = {"step": step, "sampler": sampler_state, "config": rc.to_dict()}
-        if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force) and chief:
-            _export_lora(rc, model, state["lora"], step)
+        if ckpt.save(step, state["lora"], state["opt_state"], meta, force=force):
+            logger.flush()  # a resume starts after this step: its metrics must not be left in a buffer
+            if chief:
+                _export_lora(rc, model, state["lora"], step)
 
     logger = MetricsLogger(run_dir, resume_step=start, enabled=chief)
     bar = ProgressBar(total=rc.train.steps, initial=start, enabled=progress and chief)

@@ -79,3 +79,22 @@ def test_atomic_path_file_write(tmp_path):
     atomic.write_text_atomic(tmp_path / "sub" / "a.txt", "one")
     atomic.write_text_atomic(tmp_path / "sub" / "a.txt", "two")
     assert (tmp_path / "sub" / "a.txt").read_text() == "two" and _listing(tmp_path / "sub") == ["a.txt"]
+
+
+def test_a_kill_between_the_renames_is_repaired_by_the_next_write(tmp_path):
+    """A kill after the old output was moved aside leaves only `.out.old-*`: the next atomic_output of
+    the same path puts it back first, so a failing next write still leaves the old output."""
+    dst = tmp_path / "out"
+    _write_folder(tmp_path / ".out.old-123-abcd", "old")
+    with pytest.raises(OSError):
+        with atomic.atomic_output(dst) as tmp:
+            _write_folder(tmp, "new")
+            raise OSError("disk full")
+    assert _listing(tmp_path) == ["out"] and _listing(dst) == ["old"]
+
+
+def test_files_get_the_mode_of_a_plain_file(tmp_path):
+    """mkstemp makes owner-only files; the written output has the mode the umask gives new files (the
+    other process of the project, scorer or trainer, may run as another user)."""
+    atomic.write_text_atomic(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK

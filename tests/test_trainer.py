@@ -140,6 +140,9 @@ def test_sigterm_saves_before_exit(tmp_path):
     while time.time() < deadline and not ((run / "metrics.jsonl").exists()
                                           and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         time.sleep(0.2)
+    # a second trainer in the same run folder (a requeued job while the old one runs) is refused
+    second = _run_train(run, "--set", "train.steps=100000", "--set", "train.checkpoint_every=1000", check=False)
+    assert second.returncode == 1 and "another trainer is running" in second.stderr, second.stderr
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
