@@ -326,7 +326,10 @@ class Store:
         prompts_path = path / PROMPTS_JSON
         if not prompts_path.is_file():
             raise StoreError(f"store {path}: the prompt table {prompts_path} is missing")
-        prompts = json.loads(prompts_path.read_text())
+        try:
+            prompts = json.loads(prompts_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{prompts_path} is not valid JSON ({e}); it was edited by hand or damaged") from None
         if len(prompts) != meta["num_prompts"]:
             raise StoreError(
                 f"store {path}: {PROMPTS_JSON} has {len(prompts)} rows but store.json says num_prompts="

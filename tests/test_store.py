@@ -153,7 +153,19 @@ def test_open_validation(tmp_path):
     meta_path.write_text(json.dumps({**meta, "num_frames": T + 1}))
     with pytest.raises(StoreError, match=r"'boxes_animal' has shape \[4, 3, 6, 4\].*expected shape \[4, 3, 7, 4\]"):
         Store.open(tmp_path / "s")
+    # Hand-damaged JSON, and a folder a stopped create left without store.json.
+    meta_path.write_text("{not json")
+    with pytest.raises(StoreError, match="store.json is not valid JSON"):
+        Store.open(tmp_path / "s")
+    meta_path.unlink()
+    with pytest.raises(StoreError, match="a create that was stopped"):
+        Store.open(tmp_path / "s")
     meta_path.write_text(json.dumps(meta))
+    (tmp_path / "s" / "prompts.json").write_text("[{")
+    with pytest.raises(StoreError, match="prompts.json is not valid JSON"):
+        Store.open(tmp_path / "s")
+    _create(tmp_path / "s2")
+    shutil.copy(tmp_path / "s2" / "prompts.json", tmp_path / "s" / "prompts.json")
     Store.open(tmp_path / "s")
     # A missing array.
     shutil.rmtree(tmp_path / "s" / "dsr")
