@@ -177,7 +177,9 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
     abstract, targets = params_lib.abstract_model(cfg, lora_cfg, dtype=dtype, param_dtype=param_dtype,
                                                   attention=attention, remat=remat, scan_unroll=scan_unroll)
     shapes = {k: tuple(v.shape) for k, v in targets.items()}
-    shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else {k: None for k in shapes}
+    # Without a mesh every weight lives on the default device (Orbax would otherwise restore numpy arrays).
+    shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else dict.fromkeys(
+        shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     lora_names = {k for k in shapes if k.endswith((".lora_A", ".lora_B"))}
 
     if base_source is None:
@@ -200,8 +202,6 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
         restored = ckptr.restore(path.absolute() / "params", want, strict=False)
         values = _flatten(restored["base"])
         values.update(_flatten(restored.get("lora", {})))
-        # without a mesh Orbax hands back host numpy arrays; the model's weights belong on the device
-        values = {k: v if isinstance(v, jax.Array) else _place(v, targets[k].dtype, None) for k, v in values.items()}
     else:
         values = {k: _place(v, targets[k].dtype, shardings[k]) for k, v in base_source.items()}
 

@@ -119,6 +119,11 @@ def plan_work(store: Store, *, slots: int | None = None, seeds: Sequence[int] | 
     return todo, summary
 
 
+def _check_shift(shift: float) -> None:
+    if not shift > 0:  # the sigma grid collapses to 0 (or NaN) and every step divides by it
+        raise SampleError(f"--shift must be > 0, got {shift} (the default is {schedule.SHIFT})")
+
+
 def check_store_for_model(store: Store, model: Any, todo: Sequence[tuple[int, int, int]], guidance: float) -> None:
     """Refuses, before any sampling, a store the model cannot fill: shapes, text dims, missing embeddings."""
     cfg = model.config
@@ -155,8 +160,7 @@ def sample_store(store: Store, model: Any, *, slots: int | None = None, seeds: S
 
     if batch_size < 1:
         raise SampleError(f"--batch must be >= 1, got {batch_size}")
-    if not shift > 0:  # the sigma grid collapses to 0 (or NaN) and every step divides by it
-        raise SampleError(f"--shift must be > 0, got {shift} (the default is {schedule.SHIFT})")
+    _check_shift(shift)
     if mesh is not None and batch_size % mesh.size:
         raise SampleError(f"--batch {batch_size} cannot be split over the mesh's {mesh.size} devices "
                           f"({dict(mesh.shape)}): use a multiple of {mesh.size}")
@@ -229,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                               "checkpoint converted with `python -m converters.to_flax`)")
         if args.steps < 1 or args.batch < 1:
             raise SampleError(f"--steps ({args.steps}) and --batch ({args.batch}) must be >= 1")
-        if not args.shift > 0:
-            raise SampleError(f"--shift must be > 0, got {args.shift} (the default is {schedule.SHIFT})")
+        _check_shift(args.shift)  # before the model load
         store = Store.open(args.store, mode="r+")
         # Validate the cheap things before the expensive model load.
         todo, _ = plan_work(store, slots=args.samples_per_prompt, seeds=args.seeds, base_seed=args.base_seed,

@@ -277,6 +277,13 @@ def create_store(
     return Store.open(path, mode="r+")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); it was edited by hand or damaged") from None
+
+
 class Store:
     """An open store. Indices are (prompt p, sample s); see the module docstring for the layout."""
 
@@ -308,10 +315,7 @@ class Store:
                 + ("a create that was stopped before it finished: delete the folder and create it again"
                    if partial else "create one with create_store or `python -m scoring create-store`") + ")"
             )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{meta_path} is not valid JSON ({e}); it was edited by hand or damaged") from None
+        meta = _read_json(meta_path)
         version = meta.get("layout_version")
         if version != LAYOUT_VERSION:
             raise StoreError(
@@ -326,10 +330,7 @@ class Store:
         prompts_path = path / PROMPTS_JSON
         if not prompts_path.is_file():
             raise StoreError(f"store {path}: the prompt table {prompts_path} is missing")
-        try:
-            prompts = json.loads(prompts_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{prompts_path} is not valid JSON ({e}); it was edited by hand or damaged") from None
+        prompts = _read_json(prompts_path)
         if len(prompts) != meta["num_prompts"]:
             raise StoreError(
                 f"store {path}: {PROMPTS_JSON} has {len(prompts)} rows but store.json says num_prompts="

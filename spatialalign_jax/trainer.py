@@ -83,8 +83,9 @@ def _global_batch(micro_batches: list[dict[str, np.ndarray]], mesh, grad_accum: 
 
 # What a resumed run must share with the run that saved the checkpoint to draw the same pairs and
 # noise and continue the same optimisation.
-_RESUME_KEYS = ("model.path", "model.config", "model.init_seed", "lora", "loss", "optim", "train.seed", "train.per_device_batch",
-                "train.grad_accum", "data.store", "data.tau", "data.split", "data.max_text_len")
+_RESUME_KEYS = ("model.path", "model.config", "model.init_seed", "lora", "loss", "optim", "train.seed",
+                "train.per_device_batch", "train.grad_accum", "data.store", "data.tau", "data.split",
+                "data.max_text_len")
 
 
 def _check_resumable(rc: RunConfig, meta: dict[str, Any], pairs_per_micro_step: int) -> None:
@@ -121,8 +122,8 @@ class RunDirBusy(RuntimeError):
 
 
 def _lock_run_dir(run_dir: Path):
-    """Holds an exclusive lock on the run folder for the run (released when the process ends): a second
-    trainer there (a requeued job starting while the old one exits) would delete the first one's
+    """An exclusive lock on the run folder, held until the returned file is closed (or the process
+    ends): a second trainer there (a requeued job starting while the old one exits) would delete the first one's
     in-flight checkpoint and write the same steps."""
     import fcntl
 
