@@ -1,13 +1,17 @@
-"""Frames per second of detection (Grounding DINO) + tracking (SAM 2) at 480 x 832.
+"""Frames per second of VAE decoding, detection (Grounding DINO) and tracking (SAM 2) at 480 x 832.
 
 The models have the real checkpoints' architectures with random weights (no weights are
 downloaded): Grounding DINO as ``IDEA-Research/grounding-dino-tiny`` (Swin-T backbone, BERT-base
 text encoder, 6 + 6 layers, 900 queries, frames resized to 800 / 1333 px) and SAM 2.1 hiera-large
 (Hiera-L 144-wide [2, 6, 36, 4] blocks at 1024 px, 4 memory-attention layers). They are saved to a
 temporary folder and loaded through the scorer's own ``from_pretrained`` code, then timed on one
-synthetic video (two objects tracked, seeded on its first frame, as a valid video is).
+synthetic video (two objects tracked, seeded on its first frame, as a valid video is). The Wan2.1
+VAE (diffusers' ``AutoencoderKLWan`` defaults are its architecture) decodes one video's latents,
+21 x 60 x 104 -> 81 frames, by default on a GPU only (on 2 CPU cores it takes tens of minutes).
 
-    python benchmarks/bench_scoring.py [--frames 6] [--device cpu|cuda] [--half] [--out PATH]
+    python benchmarks/bench_scoring.py [--frames 6] [--device cpu|cuda] [--half] [--vae-latent-frames N] [--out PATH]
+
+``--half`` is the scorer's: bfloat16 where the card has it, else float16.
 
 Prints the numbers and writes them (merged per device) to ``benchmarks/results/scoring.json``.
 Random weights cost the same time as trained ones: the work per frame does not depend on them.
@@ -30,7 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoring.detect import GroundingDinoDetector  # noqa: E402
+from scoring.loading import half_dtype  # noqa: E402
 from scoring.track import TransformersSam2Tracker  # noqa: E402
+from scoring.vae import WanVaeDecoder  # noqa: E402
 from spatialalign_jax.atomic import write_text_atomic  # noqa: E402
 
 HEIGHT, WIDTH = 480, 832
@@ -99,13 +105,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=6, help="frames of the timed video (default 6)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--half", action="store_true", help="float16 weights (GPU)")
+    parser.add_argument("--half", action="store_true", help="bfloat16 (else float16) weights and activations (GPU)")
+    parser.add_argument("--vae-latent-frames", type=int, default=None,
+                        help="latent frames of the timed VAE decode (default: 21 on CUDA, 0 = skipped on the CPU)")
     parser.add_argument("--batch-size", type=int, default=4, help="Grounding DINO frames per batch")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    dtype = torch.float16 if args.half else torch.float32
+    cuda = args.device.startswith("cuda")
+    dtype = half_dtype() if args.half and cuda else torch.float32
+    vae_latent_frames = args.vae_latent_frames if args.vae_latent_frames is not None else (21 if cuda else 0)
     torch.manual_seed(0)
     frames, seeds = synthetic_video(args.frames)
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def peak_gib(fn) -> float | None:
+        """The CUDA allocator's high-water mark over ``fn`` (None on the CPU)."""
+        if not cuda:
+            fn()
+            return None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    vae = {}
+    if vae_latent_frames > 0:
+        with tempfile.TemporaryDirectory(prefix="bench_scoring_vae_") as tmp:
+            from diffusers import AutoencoderKLWan
+
+            AutoencoderKLWan().save_pretrained(tmp)
+            decoder = WanVaeDecoder(tmp, device=args.device, dtype=dtype)
+            latents = torch.randn(16, vae_latent_frames, HEIGHT // 8, WIDTH // 8)
+            decoder.decode(latents[:, :2])  # warm-up: cuDNN's algorithm choice, the allocator
+            decoded = {}
+            vae_gib = peak_gib(lambda: decoded.setdefault("s", timed(lambda: decoder.decode(latents))))
+            vae_frames = decoder.num_frames(vae_latent_frames)
+            vae = {"vae_latent_frames": vae_latent_frames, "vae_decoded_frames": vae_frames,
+                   "vae_decode_s": decoded["s"], "vae_decode_fps": vae_frames / decoded["s"],
+                   "vae_peak_gib": vae_gib}
+            del decoder
 
     with tempfile.TemporaryDirectory(prefix="bench_scoring_") as tmp:
         gdino_dir, sam_dir = Path(tmp, "gdino"), Path(tmp, "sam2")
@@ -117,24 +163,16 @@ def main() -> None:
             "grounding_dino_params": sum(p.numel() for p in detector.model.parameters()),
             "sam2_params": sum(p.numel() for p in tracker.model.parameters()),
         }
-
-        def timed(fn):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
-
         # Warm-up on a short clip (allocator, kernels), then the timed run.
         detector.detect(frames[:1], "cat", "chair")
         tracker.track(frames[:2], 0, seeds)
-        detect_s = timed(lambda: detector.detect(frames, "cat", "chair"))
-        track_s = timed(lambda: tracker.track(frames, 0, seeds))
+        times = {}
+        detect_gib = peak_gib(lambda: times.setdefault("detect", timed(lambda: detector.detect(frames, "cat", "chair"))))
+        track_gib = peak_gib(lambda: times.setdefault("track", timed(lambda: tracker.track(frames, 0, seeds))))
+        detect_s, track_s = times["detect"], times["track"]
 
     n = len(frames)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     result = {
         "device": device_name,
         "dtype": str(dtype).replace("torch.", ""),
@@ -144,7 +182,13 @@ def main() -> None:
         "detection_fps": n / detect_s,
         "tracking_fps": n / track_s,
         "detection_plus_tracking_fps": n / (detect_s + track_s),
-        "seconds_per_81_frame_video": 81 * (detect_s + track_s) / n,
+        "detection_peak_gib": detect_gib,
+        "tracking_peak_gib": track_gib,
+        **vae,
+        # Decoding (when timed) plus detection and tracking of every frame: the scorer's work per video.
+        "seconds_per_81_frame_video": 81 * (detect_s + track_s) / n + (
+            vae["vae_decode_s"] * 81 / vae["vae_decoded_frames"] if vae else 0.0),
+        "seconds_per_81_frame_video_includes_vae": bool(vae),
         **params,
         "torch": torch.__version__,
         # The machine may be shared: the load during the run says how much of it the timing had.

@@ -78,14 +78,15 @@ def _device_and_dtype(args: argparse.Namespace):
 def _decide_device_and_dtype(args: argparse.Namespace):
     import torch
 
+    from scoring.loading import half_dtype
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available on this machine")
     dtype = torch.float32
     if args.half:
         if device.startswith("cuda"):
-            # bfloat16 where the card has it: umT5-XXL overflows float16 (Wan runs it in bfloat16)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            dtype = half_dtype()
         else:
             log.warning("--half is ignored on the CPU: running in float32")
     return device, dtype

@@ -19,6 +19,12 @@ def device_and_dtype(device: str | torch.device | None,
     return (torch.device(device) if device is not None else default_device()), (dtype or torch.float32)
 
 
+def half_dtype() -> torch.dtype:
+    """The scorer's ``--half`` precision on CUDA: bfloat16 where the card has it (umT5-XXL overflows
+    float16; Wan runs it in bfloat16), float16 on older cards."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def require_model_dir(model_dir: str | os.PathLike, what: str) -> Path:
     """The folder of a local model, or a clear error saying which folder is missing."""
     path = Path(model_dir)
