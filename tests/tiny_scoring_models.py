@@ -66,6 +66,10 @@ def sam2_video(folder: str | Path, image_size: int = 128) -> Path:
     """SAM 2 video (Hiera backbone) at ``image_size`` input, one memory-attention layer."""
     from transformers import Sam2ImageProcessor, Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor
     from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
+    from transformers.models.sam2_video.configuration_sam2_video import (
+        Sam2VideoMaskDecoderConfig,
+        Sam2VideoPromptEncoderConfig,
+    )
     from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
     folder = Path(folder)
@@ -83,8 +87,10 @@ def sam2_video(folder: str | Path, image_size: int = 128) -> Path:
     )
     config = Sam2VideoConfig(
         vision_config=vision,
-        prompt_encoder_config=dict(hidden_size=128, image_size=s, patch_size=16),
-        mask_decoder_config=dict(hidden_size=128, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        # Config objects, not dicts: transformers 5.17 builds both sub-configs of a dict as the prompt encoder's.
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=128, image_size=s, patch_size=16),
+        mask_decoder_config=Sam2VideoMaskDecoderConfig(hidden_size=128, mlp_dim=64, num_attention_heads=2,
+                                                       iou_head_hidden_dim=32),
         image_size=s, memory_attention_hidden_size=128, memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[s // 16, s // 16],
         memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
