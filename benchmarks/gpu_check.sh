@@ -3,6 +3,7 @@
 #   scoring  the scoring models on CUDA against the CPU and `python -m scoring` end to end on CUDA
 #            (tests/test_scoring_cuda.py), then the scoring benchmark at 480x832 in bf16 and fp32;
 #   tests    the model / kernel / training-step tests on the GPU backend (all but the 8-device one);
+#   train    `python run_train.py`'s smoke run in bf16 on the GPU, then resumed for 10 more steps;
 #   step     the 1.3B DPO step benchmark (step time, MFU, peak memory);
 #   forward  the 1.3B forward against diffusers.
 # Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 9 minutes on an H200.
@@ -13,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-PARTS=",${GPU_CHECK_PARTS:-scoring,tests,step,forward},"
+PARTS=",${GPU_CHECK_PARTS:-scoring,tests,train,step,forward},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 if [ -d .whl ]; then
@@ -39,6 +40,13 @@ if want tests; then
   JAX_PLATFORMS=cuda,cpu timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels.py tests/test_train_step.py tests/test_model.py -k "not sharded" 2>&1 | tee "$OUT/tests.log" \
     | tail -30 || failed+=(tests)
+fi
+if want train; then
+  rm -rf /tmp/gpu_check_tiny /tmp/gpu_check_tiny_data
+  tiny=(--no-progress --set run.dir=/tmp/gpu_check_tiny --set data.store=/tmp/gpu_check_tiny_data
+        --set model.dtype=bfloat16 --set model.param_dtype=bfloat16)
+  { timeout 150 python3 run_train.py "${tiny[@]}" && timeout 90 python3 run_train.py "${tiny[@]}" --set train.steps=40 \
+      && python3 -c "import jax; print('trained on', jax.devices())"; } 2>&1 | tee "$OUT/train.log" || failed+=(train)
 fi
 if want step && ! timeout "${BENCH_TIMEOUT:-330}" python3 -m benchmarks.bench_train_step --full-1.3b \
        --repeats "${STEP_REPEATS:-3}" --remat "${1:-attention_kernel}" 2>&1 | tee "$OUT/bench.log"; then
