@@ -6,7 +6,8 @@
 #   train    `python run_train.py`'s smoke run in bf16 on the GPU, then resumed for 10 more steps;
 #   step     the 1.3B DPO step benchmark (step time, MFU, peak memory);
 #   forward  the 1.3B forward against diffusers.
-# Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 9 minutes on an H200.
+# Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 13 minutes on an H200: under a
+# 10-minute limit per command, run it as two calls (GPU_CHECK_PARTS=scoring,tests, then train,step,forward).
 #   GPU_CHECK_PARTS=scoring,tests bash benchmarks/gpu_check.sh [remat policies, default "attention_kernel"]
 # Wheels in .whl/ are installed first where present, for a machine that cannot reach a package
 # registry (diffusers, tensorboardX, av; not flax: it must be the one built for the machine's jax).
@@ -37,7 +38,7 @@ if want scoring; then
   done
 fi
 if want tests; then
-  JAX_PLATFORMS=cuda,cpu timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
+  JAX_PLATFORMS=cuda,cpu timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels.py tests/test_train_step.py tests/test_model.py -k "not sharded" 2>&1 | tee "$OUT/tests.log" \
     | tail -30 || failed+=(tests)
 fi
