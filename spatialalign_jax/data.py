@@ -33,6 +33,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -277,15 +278,41 @@ class PairSampler:
         self.step = int(state["step"])
 
 
+def _put_unless_stopped(q: queue.Queue, stop: threading.Event, item: Any) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read_ahead(sampler: PairSampler, step: int, q: queue.Queue, stop: threading.Event) -> None:
+    # A function of the queue and the event, not a method: a thread holding its Prefetcher would keep
+    # a dropped one (never closed) alive and reading for ever.
+    try:
+        while not stop.is_set():
+            if not _put_unless_stopped(q, stop, (step, sampler.read_batch(step))):
+                return
+            step += 1
+    except BaseException as e:  # handed to the consumer
+        _put_unless_stopped(q, stop, (None, e))
+
+
+def _release(sampler: PairSampler, stop: threading.Event) -> None:
+    stop.set()
+    sampler._prefetching = False
+
+
 class Prefetcher:
     """Reads a sampler's batches in a background thread, a bounded queue ahead of the consumer.
 
     The sampler's ``step`` moves as batches are consumed, so ``sampler.state_dict()`` stays right
     for checkpoints. An exception in the reader is raised in the consumer. Use as a context
-    manager or call ``close()``.
+    manager or call ``close()``; a prefetcher dropped without either stops its thread when it is
+    garbage collected.
     """
-
-    _DONE = object()
 
     def __init__(self, sampler: PairSampler, depth: int = 2) -> None:
         if depth < 1:
@@ -296,26 +323,10 @@ class Prefetcher:
         sampler._prefetching = True
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(sampler.step,), name="pair-prefetch", daemon=True)
+        self._release = weakref.finalize(self, _release, sampler, self._stop)
+        self._thread = threading.Thread(target=_read_ahead, args=(sampler, sampler.step, self._queue, self._stop),
+                                        name="pair-prefetch", daemon=True)
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, step: int) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self._put((step, self.sampler.read_batch(step))):
-                    return
-                step += 1
-        except BaseException as e:  # handed to the consumer
-            self._put((None, e))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -339,7 +350,7 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.sampler._prefetching = False
+        self._release()
 
     def __enter__(self) -> "Prefetcher":
         return self

@@ -1,5 +1,6 @@
 """The pair sampler over the store: pairing rules, determinism, host slices, prefetch, bad stores."""
 
+import gc
 import json
 import shutil
 from collections import Counter
@@ -192,6 +193,17 @@ def test_prefetch_order_state_and_errors(tmp_path):
     assert sampler.step == 8 and not pf._thread.is_alive()
     with pytest.raises(StopIteration):
         next(pf)
+
+    # Dropped without close(): garbage collection stops the reader and frees the sampler.
+    sampler.read_batch = original
+    pf = sampler.prefetch(depth=1)
+    next(pf)
+    thread = pf._thread
+    del pf
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    sampler.prefetch().close()
 
 
 def test_bad_stores_give_clear_errors(tmp_path):
