@@ -92,10 +92,19 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     _require_exists(path, "weights file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            keys, metadata = list(f.keys()), dict(f.metadata() or {})
+            fp8 = [k for k in keys if f.get_slice(k).get_dtype().startswith("F8")]
+            sd = {k: f.get_tensor(k) for k in keys if k not in set(fp8)}
+        if fp8:
+            # numpy has no float8 types: read those through torch and upcast, as for .pth files.
+            with safe_open(str(path), framework="pt") as f:
+                sd.update({k: _torch_to_numpy(f.get_tensor(k)) for k in fp8})
+            log.info("%s: %d float8 tensors upcast to float32", path, len(fp8))
+        return {k: sd[k] for k in keys}, metadata
     if suffix in PICKLE_SUFFIXES:
         import torch
 

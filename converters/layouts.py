@@ -267,7 +267,25 @@ ACCEPTED_LORA_LAYOUTS = (
     "diffusers/PEFT: 'transformer.blocks.0.attn2.to_k.lora_A.weight' (with or without 'transformer.')",
     "original/DiffSynth: 'blocks.0.cross_attn.k.lora_A.default.weight' or 'blocks.0.cross_attn.k.lora_A.weight'",
     "original kohya-style: 'diffusion_model.blocks.0.cross_attn.k.lora_down.weight' / 'lora_up' / '.alpha'",
+    "musubi-tuner: 'lora_unet_blocks_0_cross_attn_k.lora_down.weight' / 'lora_up' / '.alpha'",
 )
+# musubi-tuner (kohya) writes original module paths with '_' for '.' behind 'lora_unet_'.
+MUSUBI_PREFIX = "lora_unet_"
+_MUSUBI_TOP = {k.replace(".", "_"): k for k in _TOP_LEVEL}
+_MUSUBI_IN_BLOCK = {k.replace(".", "_"): k for k in _IN_BLOCK}
+_MUSUBI_BLOCK_RE = re.compile(r"blocks_(\d+)_(.+)")
+
+
+def _musubi_to_original(key: str) -> str:
+    """`lora_unet_blocks_0_self_attn_q.lora_down.weight` -> `blocks.0.self_attn.q.lora_down.weight`;
+    a module it does not know keeps its name (and is reported as unknown)."""
+    module, dot, leaf = key.removeprefix(MUSUBI_PREFIX).partition(".")
+    m = _MUSUBI_BLOCK_RE.fullmatch(module)
+    if m and m[2] in _MUSUBI_IN_BLOCK:
+        module = f"blocks.{m[1]}.{_MUSUBI_IN_BLOCK[m[2]]}"
+    else:
+        module = _MUSUBI_TOP.get(module, module)
+    return module + dot + leaf
 
 # A LoRA key is `<module>.<leaf>`; the leaf says which factor it is. PEFT's adapter name (usually
 # `default`) may sit between the factor and `weight`.
@@ -345,6 +363,14 @@ def normalize_lora(
     sd = _remove_prefix(sd)
     if not sd:
         raise ValueError(f"{source} holds no tensors; expected LoRA factors in one of:\n  " + "\n  ".join(ACCEPTED_LORA_LAYOUTS))
+    if all(k.startswith(MUSUBI_PREFIX) for k in sd):
+        sd = {_musubi_to_original(k): v for k, v in sd.items()}
+    # Full-weight diffs that are all zero change nothing (distillation LoRAs ship zeroed norm diffs;
+    # diffusers drops them too); non-zero ones are refused below.
+    zero_diffs = [k for k, v in sd.items() if k.endswith((".diff", ".diff_b")) and not np.any(np.asarray(v))]
+    if zero_diffs:
+        log.info("%s: dropped %d all-zero weight diffs (%s)", source, len(zero_diffs), format_keys(zero_diffs, 2))
+        sd = {k: v for k, v in sd.items() if k not in set(zero_diffs)}
     unsupported = [k for k in sd if k.endswith((".lora_B.bias", ".diff_b", ".diff", ".dora_scale"))
                    or "lora_magnitude_vector" in k]
     if unsupported:

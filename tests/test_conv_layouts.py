@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,59 @@ def test_kohya_layout_matches_diffusers_conversion(peft_lora, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=m)
 
 
+def test_musubi_layout_matches_diffusers_conversion(tmp_path, caplog):
+    """musubi-tuner's `lora_unet_blocks_0_self_attn_q.lora_down.weight` + `.alpha`, against diffusers'
+    `lora_state_dict` (which folds alpha into the factors); all-zero weight diffs are dropped."""
+    from diffusers import WanPipeline
+
+    rng = np.random.default_rng(0)
+    dim, ffn, rank = 24, 40, 4
+    shapes = {f"{a}_{p}": (dim, dim) for a in ("self_attn", "cross_attn") for p in "qkvo"}
+    shapes.update(ffn_0=(dim, ffn), ffn_2=(ffn, dim))
+    musubi = {}
+    for block in range(2):
+        for name, (fan_in, fan_out) in shapes.items():
+            key = f"lora_unet_blocks_{block}_{name}"
+            musubi[f"{key}.lora_down.weight"] = torch.from_numpy(rng.standard_normal((rank, fan_in)).astype(np.float32))
+            musubi[f"{key}.lora_up.weight"] = torch.from_numpy(rng.standard_normal((fan_out, rank)).astype(np.float32))
+            musubi[f"{key}.alpha"] = torch.tensor(1.0 if name == "ffn_2" else 2.0)
+    save_file(musubi, tmp_path / "musubi.safetensors")
+    ref = {k.removeprefix("transformer."): v.numpy()
+           for k, v in WanPipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")).items()}
+
+    save_file({**musubi, "lora_unet_blocks_0_norm3.diff": torch.zeros(dim)}, tmp_path / "with_diff.safetensors")
+    with caplog.at_level(logging.INFO, logger="converters.layouts"):
+        lora = io.read_lora(tmp_path / "with_diff.safetensors")
+    assert "dropped 1 all-zero weight diffs" in caplog.text
+    assert (lora.layout, lora.rank, lora.alpha) == (layouts.LAYOUT_ORIGINAL, rank, 2.0)
+    assert set(ref) == set(lora.weights) and len(lora.modules) == 2 * 10
+    for m in lora.modules:
+        got = _delta(lora.weights[f"{m}.lora_A.weight"], lora.weights[f"{m}.lora_B.weight"], lora.alpha / lora.rank)
+        want = _delta(ref[f"{m}.lora_A.weight"], ref[f"{m}.lora_B.weight"], 1.0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=m)
+
+
+def test_float8_and_bfloat16_safetensors_read_in_a_fresh_interpreter(tmp_path):
+    """fp8 tensors (ComfyUI's `*_fp8_e4m3fn` checkpoints) are upcast to float32 as torch does; bf16
+    reads without anything having imported ml_dtypes first."""
+    import subprocess
+    import sys
+
+    w = torch.randn(8, 6).to(torch.float8_e4m3fn)
+    b = torch.randn(6).bfloat16()
+    save_file({"w": w, "b": b}, tmp_path / "f8.safetensors")
+    code = ("import sys, numpy as np; from converters.io import load_state_file; "
+            "sd, _ = load_state_file(sys.argv[1]); np.savez(sys.argv[2], w=sd['w'], b=sd['b'].astype(np.float32)); "
+            "print(sd['w'].dtype, sd['b'].dtype)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f8.safetensors"), str(tmp_path / "out.npz")],
+                         capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["float32", "bfloat16"]
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(got["w"], w.float().numpy())
+    np.testing.assert_array_equal(got["b"], b.float().numpy())
+
+
 def test_mixed_ranks_are_padded_exactly():
     rng = np.random.default_rng(0)
     a4, b4 = rng.standard_normal((4, 24)), rng.standard_normal((24, 4))
@@ -262,8 +316,10 @@ def test_pickled_lora(peft_lora, tmp_path, suffix):
 
 def test_unknown_lora_layouts_list_keys_and_accepted_layouts():
     z = np.zeros((2, 3), np.float32)
-    with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*lora_unet_blocks_0_cross_attn_k\.lora_down\.weight.*Accepted layouts.*diffusers/PEFT"):
-        layouts.normalize_lora({"lora_unet_blocks_0_cross_attn_k.lora_down.weight": z})
+    with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*down_blocks_0_attentions_0\.lora_down\.weight.*Accepted layouts.*diffusers/PEFT"):
+        layouts.normalize_lora({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": z})
+    with pytest.raises(ValueError, match=r"not implement.*blocks\.0\.norm3\.diff"):
+        layouts.normalize_lora({"diffusion_model.blocks.0.norm3.diff": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*'blocks\.0\.attn9\.to_k\.lora_A\.weight'.*Accepted layouts"):
         layouts.normalize_lora({"blocks.0.attn9.to_k.lora_A.weight": z, "blocks.0.attn9.to_k.lora_B.weight": z.T})
     with pytest.raises(ValueError, match=r"not implement.*lora_B\.bias"):
