@@ -21,6 +21,7 @@ import numpy as np
 
 from converters import layouts
 from spatialalign_jax import atomic
+from spatialalign_jax.config import WanConfig
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,12 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
     config: dict[str, Any] | None = None
     if src.is_dir():
         if (src / "model_index.json").exists() and (src / "transformer").is_dir():
-            log.info("%s is a pipeline folder: reading its transformer/ subfolder", src)
+            if (src / "transformer_2").is_dir():
+                # Wan2.2 A14B pipelines hold two experts; WanPipeline runs transformer/ at high noise.
+                log.warning("%s holds two transformers (Wan2.2 A14B): converting transformer/, the high-noise "
+                            "expert; pass --src %s to convert the low-noise one", src, src / "transformer_2")
+            else:
+                log.info("%s is a pipeline folder: reading its transformer/ subfolder", src)
             src = src / "transformer"
         if (src / "config.json").exists():
             config = _read_json(src / "config.json")
@@ -193,6 +199,9 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
     if config_path is not None:
         _require_exists(Path(config_path), "config file")
         config = _read_json(Path(config_path))
+    if config is not None:
+        # Refuse a model this one cannot represent before reading tens of GB of weights.
+        WanConfig.from_diffusers(layouts.original_config_to_diffusers(config) if is_original_config(config) else config)
 
     sd = _load_files(files)
     original = layouts.is_original_layout(sd)

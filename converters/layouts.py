@@ -193,7 +193,8 @@ def original_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type != "t2v":
         raise ValueError(
             f"original Wan config has model_type={model_type!r}: only text-to-video ('t2v') models can be "
-            "represented (image-to-video and VACE models have image-conditioning layers this model lacks)"
+            "represented (image-to-video, first-last-frame and VACE models have conditioning layers this model "
+            "lacks; TI2V's per-token timesteps are not implemented)"
         )
     out: dict[str, Any] = {
         "patch_size": list(config.get("patch_size", (1, 2, 2))),

@@ -276,9 +276,9 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     shard.unlink()
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "sharded")], shard.name, "missing")
 
-    save_file({"lora_unet_blocks_0_cross_attn_k.lora_down.weight": torch.zeros(4, 24)}, tmp_path / "musubi.safetensors")
-    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "musubi.safetensors")],
-           "unknown LoRA layout", "lora_unet_blocks_0_cross_attn_k.lora_down.weight", "Accepted layouts")
+    save_file({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.zeros(4, 24)}, tmp_path / "sd.safetensors")
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "sd.safetensors")],
+           "unknown LoRA layout", "down_blocks_0_attentions_0.lora_down.weight", "Accepted layouts")
 
     save_file({"transformer.blocks.7.attn2.to_k.lora_A.weight": torch.zeros(4, 24),
                "transformer.blocks.7.attn2.to_k.lora_B.weight": torch.zeros(24, 4)}, tmp_path / "deep.safetensors")

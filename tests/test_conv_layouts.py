@@ -86,10 +86,26 @@ def test_read_diffusers_folder_single_and_sharded(tiny, tiny_sd, tmp_path):
         assert_same_arrays(base.state_dict, tiny_sd)
 
 
-def test_read_pipeline_folder_uses_transformer_subfolder(tiny, tiny_sd, tmp_path):
+def test_read_pipeline_folder_uses_transformer_subfolder(tiny, tiny_sd, tmp_path, caplog):
     tiny.save_pretrained(tmp_path / "pipe" / "transformer")
     write_json(tmp_path / "pipe" / "model_index.json", {"_class_name": "WanPipeline"})
     assert_same_arrays(io.read_base(tmp_path / "pipe").state_dict, tiny_sd)
+    # Wan2.2 A14B: two experts; the high-noise one is read, and the log says how to get the other.
+    tiny.save_pretrained(tmp_path / "pipe" / "transformer_2")
+    with caplog.at_level(logging.WARNING, logger="converters.io"):
+        io.read_base(tmp_path / "pipe")
+    assert "high-noise expert" in caplog.text and "transformer_2" in caplog.text
+
+
+def test_unrepresentable_config_is_refused_before_reading_weights(tiny, tmp_path, monkeypatch):
+    tiny.save_pretrained(tmp_path / "i2v")
+    write_json(tmp_path / "i2v" / "config.json", {**TINY_CONFIG, "image_dim": 1280, "added_kv_proj_dim": 24})
+    monkeypatch.setattr(io, "_load_files", lambda files: pytest.fail("weights were read before the config check"))
+    with pytest.raises(ValueError, match="image_dim=1280"):
+        io.read_base(tmp_path / "i2v")
+    write_json(tmp_path / "i2v.json", {**TINY_ORIGINAL_CONFIG, "model_type": "ti2v"})
+    with pytest.raises(ValueError, match="model_type='ti2v'.*per-token timesteps"):
+        io.read_base(tmp_path / "i2v", config_path=tmp_path / "i2v.json")
 
 
 def test_missing_shard_is_named(tiny, tmp_path):
