@@ -13,6 +13,7 @@ Either output is written atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -92,10 +93,13 @@ def _save_lora_file(path: Path, layers: Mapping[str, Any], metadata: Mapping[str
         os.replace(Path(scratch) / io.LORA_WEIGHTS, path)
 
 
-def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fold_alpha: bool = False) -> Path:
     """Writes the checkpoint's LoRA as a diffusers LoRA safetensors file; returns its path.
 
     `dst` is the file (`*.safetensors`) or a folder, existing or not, that gets `pytorch_lora_weights.safetensors`.
+    The file holds the trained factors and alpha (in the adapter metadata, as diffusers' training scripts
+    write it). `fold_alpha` folds alpha / rank into B and writes alpha = rank, for loaders that ignore
+    that metadata (ComfyUI, older diffusers): the same weights under any loader.
     """
     from spatialalign_jax.params import lora_peft_from_flax
 
@@ -109,6 +113,17 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False) ->
         raise ValueError(f"{src} holds no LoRA weights; use --merge to export the base model as a diffusers folder")
     peft = lora_peft_from_flax(cfg, lora_cfg, lora)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft})
+    if lora_cfg.alpha != lora_cfg.rank and fold_alpha:
+        fold = np.float32(lora_cfg.alpha / lora_cfg.rank)
+        peft = {k: (np.asarray(v, np.float32) * fold if ".lora_B." in k else v) for k, v in peft.items()}
+        log.info("alpha / rank = %g folded into lora_B; written with alpha = rank = %d",
+                 lora_cfg.alpha / lora_cfg.rank, lora_cfg.rank)
+        lora_cfg = dataclasses.replace(lora_cfg, alpha=float(lora_cfg.rank))
+    elif lora_cfg.alpha != lora_cfg.rank:
+        log.warning("LoRA alpha %g != rank %d: diffusers reads alpha from the file's adapter metadata, but loaders "
+                    "that ignore it (ComfyUI, older diffusers) would scale it by 1 instead of alpha / rank = %g; "
+                    "pass --fold-alpha for a file every loader reads alike", lora_cfg.alpha, lora_cfg.rank,
+                    lora_cfg.alpha / lora_cfg.rank)
     metadata = peft_adapter_config(lora_cfg, modules)
     layers = {k: _to_torch(np.asarray(v, np.float32)) for k, v in peft.items()}
     with io.atomic_output(atomic_target, overwrite=overwrite) as tmp:
@@ -201,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="10GB", help="with --merge: largest safetensors shard (default 10GB)")
     p.add_argument("--base", help="with --merge: the base model to fold a LoRA-only checkpoint into (default: the "
                                   "base path a training run recorded in it)")
+    p.add_argument("--fold-alpha", action="store_true",
+                   help="LoRA export: fold alpha/rank into lora_B and write alpha = rank, for loaders that ignore "
+                        "the adapter metadata (ComfyUI); the same weights, different factors")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -213,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_merged(args.src, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                           base=args.base)
         else:
-            export_lora(args.src, args.dst, overwrite=args.overwrite)
+            export_lora(args.src, args.dst, overwrite=args.overwrite, fold_alpha=args.fold_alpha)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"to_diffusers: error: {e}", file=sys.stderr)
         return 1

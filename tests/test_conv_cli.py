@@ -117,6 +117,17 @@ def test_export_round_trip(work, tmp_path):
     assert_same_arrays(lora2, lora1)
     assert_same_arrays(base2, base1)
 
+    # --fold-alpha: alpha = rank in the metadata, alpha / rank in lora_B; the same model in diffusers,
+    # and the same model under a loader that ignores the metadata (alpha = rank).
+    folded = tmp_path / "folded.safetensors"
+    assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(folded), "--fold-alpha"]) == 0
+    with safe_open(str(folded), "pt") as f:
+        md = json.loads(f.metadata()[io.LORA_METADATA_KEY])
+    assert md["transformer.lora_alpha"] == 4 and md["transformer.r"] == 4
+    model = WanTransformer3DModel.from_pretrained(work["root"] / "base")
+    model.load_lora_adapter(str(folded), prefix="transformer", use_safetensors=True)
+    assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
+
 
 @pytest.mark.parametrize("shard", [None, "30KB"])
 def test_merge_equals_unmerged(work, tmp_path, shard):
