@@ -24,6 +24,7 @@ import numpy as np
 
 from scoring.evaluate import EvaluationError
 from scoring.prompts import PromptTableError, load_prompt_csv
+from scoring.run import ScoringAborted
 from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, shard_arg
 
 log = logging.getLogger("scoring")
@@ -157,6 +158,7 @@ def cmd_create_store(args: argparse.Namespace) -> int:
 
 
 def cmd_encode_prompts(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from scoring.text_encoder import UMT5TextEncoder
@@ -170,6 +172,9 @@ def cmd_encode_prompts(args: argparse.Namespace) -> int:
         raise CliError(f"--negative-prompt-file {str(neg_file)!r} does not exist")
     negative = neg_file.read_text().strip()
     device, dtype = _device_and_dtype(args)
+    if dtype == torch.float16:
+        log.warning("--half: this card has no bfloat16 and umT5-XXL overflows float16; encoding in float32")
+        dtype = torch.float32
     encoder = UMT5TextEncoder(args.text_encoder, device=device, dtype=dtype, batch_size=args.batch_size,
                               max_sequence_length=args.max_text_len)
     if store_exists:
@@ -398,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, StoreError, PromptTableError, EvaluationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ScoringAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

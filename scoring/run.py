@@ -88,7 +88,31 @@ def score_frames(frames: np.ndarray, animal: str, obj: str, dsr_type: str, detec
     return ItemResult(Status.VALID, dsr, boxes_a, boxes_o)
 
 
+# After this many model errors in a row the run stops: a broken setup would otherwise mark every
+# remaining video of the shard MODEL_ERROR, which only --retry-failed undoes.
+MAX_CONSECUTIVE_MODEL_ERRORS = 8
+
+
+class ScoringAborted(RuntimeError):
+    """The run stopped because every further video would fail the same way."""
+
+
+def _is_device_failure(err: BaseException) -> bool:
+    """A CUDA error that leaves the process's GPU context unusable (running out of memory does not)."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(err, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(err)
+
+
 def _model_error(what: str, err: BaseException) -> ItemResult:
+    if _is_device_failure(err):
+        raise ScoringAborted(
+            f"{what}: {type(err).__name__}: {err}. The GPU is unusable for this process, so scoring stopped: "
+            "nothing was recorded for this video, and the videos finished before it are kept. Rerun the same "
+            "command to continue."
+        ) from err
     log.error("%s: model error: %s", what, err)
     log.debug("%s", "".join(traceback.format_exception(err)))
     return ItemResult(Status.MODEL_ERROR, error=f"{type(err).__name__}: {err}")
@@ -168,6 +192,7 @@ def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, sha
     i, n = shard
     start = time.perf_counter()
     bar = _progress(total, f"score {i}/{n}", progress)
+    failed_in_a_row = 0
     for video in videos:
         result = video.failure
         if result is None:
@@ -183,6 +208,14 @@ def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, sha
         summary.scored[result.status.name] += 1
         bar.update(1)
         bar.set_postfix_str(_postfix(summary.scored), refresh=False)
+        failed_in_a_row = failed_in_a_row + 1 if result.status == Status.MODEL_ERROR else 0
+        if failed_in_a_row == MAX_CONSECUTIVE_MODEL_ERRORS:
+            bar.close()
+            raise ScoringAborted(
+                f"{failed_in_a_row} videos in a row failed with model errors (the last: {result.error}); stopped "
+                "instead of marking the rest of the shard failed. Fix the cause, then rerun with --retry-failed "
+                "to score those videos again."
+            )
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary

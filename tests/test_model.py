@@ -270,7 +270,7 @@ def test_bad_configs_and_targets(tmp_path):
         WanTransformer3DModel(WanConfig.from_diffusers(CONFIGS["odd_nonsquare"]))(x, jnp.zeros((x.shape[0], 7)), ctx)
 
 
-def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision(monkeypatch):
+def test_auto_attention_picks_cudnn_for_half_precision_on_gpu_else_blockwise(monkeypatch):
 
     q = jnp.zeros((1, 300, 2, 64), jnp.float32)
     calls = []
@@ -280,8 +280,11 @@ def test_auto_attention_picks_blockwise_on_cpu_and_cudnn_only_for_half_precision
     assert calls == ["blockwise"]
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     assert A._cudnn_supports(q.astype(jnp.bfloat16))
-    assert not A._cudnn_supports(q)  # fp32: cuDNN's fused attention refuses it, XLA runs instead
+    assert not A._cudnn_supports(q)  # fp32: cuDNN's fused attention refuses it
     assert not A._cudnn_supports(jnp.zeros((1, 8, 2, 12), jnp.bfloat16))  # head dim not a multiple of 8
+    # ... and then the blockwise kernel runs, never XLA's attention with its whole score matrix.
+    A.attend(q, q, q, "auto")
+    assert calls == ["blockwise", "blockwise"]
 
 
 def test_state_dict_shape_mismatch_in_one_block_names_that_key():

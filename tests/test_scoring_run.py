@@ -128,6 +128,45 @@ def test_store_tracker_error_and_missing_latents(tmp_path):
     assert (Store.open(tmp_path / "s").read_status()[:, 1] == Status.UNSCORED).all()
 
 
+def test_a_broken_device_or_repeated_model_errors_stop_the_run(tmp_path):
+    """A CUDA error stops at once and records nothing for its video; a model error that repeats on
+    MAX_CONSECUTIVE_MODEL_ERRORS videos in a row stops the run instead of failing the whole shard."""
+    from scoring.run import MAX_CONSECUTIVE_MODEL_ERRORS, ScoringAborted
+
+    types = ["LR", "TL"] * MAX_CONSECUTIVE_MODEL_ERRORS
+    st = create_store(tmp_path / "s", _rows(types), samples_per_prompt=1, latent_shape=(1, T, 3, 4),
+                      num_frames=T, text_dim=4)
+    for p, t in enumerate(types):
+        st.write_latents(p, 0, fake_latents(*trajectory(t, T)), seed=0)
+
+    class DeviceLost(ColorTracker):
+        calls = 0
+
+        def track(self, frames, start_frame, boxes):
+            DeviceLost.calls += 1
+            if DeviceLost.calls == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().track(frames, start_frame, boxes)
+
+    with pytest.raises(ScoringAborted, match=r"(?s)illegal memory access.*nothing was recorded.*Rerun"):
+        score_store(st, ColorDetector(), DeviceLost(), FakeDecoder(), progress=False)
+    status = Store.open(tmp_path / "s").read_status()[:, 0]
+    assert (status[:2] == Status.VALID).all() and (status[2:] == Status.UNSCORED).all()
+
+    class Broken(ColorTracker):
+        def track(self, frames, start_frame, boxes):
+            raise ValueError("bad config")
+
+    with pytest.raises(ScoringAborted, match=rf"{MAX_CONSECUTIVE_MODEL_ERRORS} videos in a row.*--retry-failed"):
+        score_store(st, ColorDetector(), Broken(), FakeDecoder(), progress=False)
+    status = Store.open(tmp_path / "s").read_status()[:, 0]
+    assert (status == Status.MODEL_ERROR).sum() == MAX_CONSECUTIVE_MODEL_ERRORS
+    assert (status == Status.UNSCORED).sum() == len(types) - 2 - MAX_CONSECUTIVE_MODEL_ERRORS
+    # Fixed: the retry scores everything.
+    summary = score_store(st, ColorDetector(), ColorTracker(), FakeDecoder(), retry_failed=True, progress=False)
+    assert summary.scored == {"VALID": len(types) - 2}
+
+
 def test_three_concurrent_shards_equal_one_run(tmp_path):
     _make_store(tmp_path / "one")
     _run_shard(tmp_path / "one", (0, 1))
