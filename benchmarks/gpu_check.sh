@@ -5,9 +5,10 @@
 #   tests    the model / kernel / training-step tests on the GPU backend (all but the 8-device one);
 #   train    `python run_train.py`'s smoke run in bf16 on the GPU, then resumed for 10 more steps;
 #   step     the 1.3B DPO step benchmark (step time, MFU, peak memory);
-#   forward  the 1.3B forward against diffusers.
-# Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 13 minutes on an H200: under a
-# 10-minute limit per command, run it as two calls (GPU_CHECK_PARTS=scoring,tests, then train,step,forward).
+#   forward  the 1.3B forward against diffusers;
+#   sample   the 1.3B sampler (CFG, 6 steps timed).
+# Logs and this run's result files go to $OUT (default /tmp/gpu_check). About 14 minutes on an H200: under a
+# 10-minute limit per command, run it as two calls (GPU_CHECK_PARTS=scoring,tests, then train,step,forward,sample).
 #   GPU_CHECK_PARTS=scoring,tests bash benchmarks/gpu_check.sh [remat policies, default "attention_kernel"]
 # Wheels in .whl/ are installed first where present, for a machine that cannot reach a package
 # registry (diffusers, tensorboardX, av; not flax: it must be the one built for the machine's jax).
@@ -15,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-PARTS=",${GPU_CHECK_PARTS:-scoring,tests,train,step,forward},"
+PARTS=",${GPU_CHECK_PARTS:-scoring,tests,train,step,forward,sample},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 if [ -d .whl ]; then
@@ -59,6 +60,10 @@ fi
 if want forward; then
   timeout 200 python3 -m benchmarks.bench_forward --full-1.3b --repeats 3 2>&1 | tee "$OUT/forward.log" \
     || failed+=(forward)
+fi
+if want sample; then
+  timeout 150 python3 -m benchmarks.bench_sampler --full-1.3b --steps 6 --repeats 1 2>&1 | tee "$OUT/sampler.log" \
+    || failed+=(sample)
 fi
 find benchmarks/results \( -name '*_full_1.3b.json' -o -name 'scoring.json' \) -newer "$OUT/.start" -exec cp {} "$OUT/" \;
 if [ ${#failed[@]} -gt 0 ]; then
