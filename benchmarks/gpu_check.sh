@@ -17,6 +17,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 PARTS=",${GPU_CHECK_PARTS:-scoring,tests,train,step,forward,sample},"
+for part in ${PARTS//,/ }; do
+  case $part in scoring|tests|train|step|forward|sample) ;;
+    *) echo "gpu_check: unknown part '$part' in GPU_CHECK_PARTS (scoring,tests,train,step,forward,sample)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 if [ -d .whl ]; then
@@ -26,6 +31,9 @@ if [ -d .whl ]; then
 fi
 failed=()
 want() { [[ "$PARTS" == *",$1,"* ]]; }
+# Result files this run wrote, copied to $OUT after each part: a command killed later keeps them.
+collect() { find benchmarks/results \( -name '*_full_1.3b.json' -o -name 'scoring.json' \) -newer "$OUT/.start" \
+              -exec cp {} "$OUT/" \; ; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
@@ -36,6 +44,7 @@ if want scoring; then
   for half in --half ""; do
     timeout "${SCORING_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_scoring.py --device cuda --frames 16 $half 2>&1 \
       | grep -v "Loading weights\|Writing model shards" | tee -a "$OUT/scoring_bench.log" || failed+=("scoring-bench$half")
+    collect
   done
 fi
 if want tests; then
@@ -57,15 +66,17 @@ if want step && ! timeout "${BENCH_TIMEOUT:-330}" python3 -m benchmarks.bench_tr
   timeout 240 python3 -m benchmarks.bench_train_step --full-1.3b --repeats 2 --remat "${1:-attention_kernel}" \
     --attention blockwise 2>&1 | tee "$OUT/bench_blockwise.log" || failed+=(step-blockwise)
 fi
+collect
 if want forward; then
   timeout 200 python3 -m benchmarks.bench_forward --full-1.3b --repeats 3 2>&1 | tee "$OUT/forward.log" \
     || failed+=(forward)
+  collect
 fi
 if want sample; then
   timeout 150 python3 -m benchmarks.bench_sampler --full-1.3b --steps 6 --repeats 1 2>&1 | tee "$OUT/sampler.log" \
     || failed+=(sample)
+  collect
 fi
-find benchmarks/results \( -name '*_full_1.3b.json' -o -name 'scoring.json' \) -newer "$OUT/.start" -exec cp {} "$OUT/" \;
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: failed: ${failed[*]}" >&2
   exit 1

@@ -98,8 +98,8 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
         with safe_open(str(path), framework="np") as f:
             keys, metadata = list(f.keys()), dict(f.metadata() or {})
-            fp8 = [k for k in keys if f.get_slice(k).get_dtype().startswith("F8")]
-            sd = {k: f.get_tensor(k) for k in keys if k not in set(fp8)}
+            fp8 = {k for k in keys if f.get_slice(k).get_dtype().startswith("F8")}
+            sd = {k: f.get_tensor(k) for k in keys if k not in fp8}
         if fp8:
             # numpy has no float8 types: read those through torch and upcast, as for .pth files.
             with safe_open(str(path), framework="pt") as f:
@@ -186,8 +186,8 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
         if (src / "model_index.json").exists() and (src / "transformer").is_dir():
             if (src / "transformer_2").is_dir():
                 # Wan2.2 A14B pipelines hold two experts; WanPipeline runs transformer/ at high noise.
-                log.warning("%s holds two transformers (Wan2.2 A14B): converting transformer/, the high-noise "
-                            "expert; pass --src %s to convert the low-noise one", src, src / "transformer_2")
+                log.warning("%s holds two transformers (Wan2.2 A14B): reading transformer/, the high-noise "
+                            "expert; point at %s for the low-noise one", src, src / "transformer_2")
             else:
                 log.info("%s is a pipeline folder: reading its transformer/ subfolder", src)
             src = src / "transformer"
@@ -200,8 +200,10 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
         _require_exists(Path(config_path), "config file")
         config = _read_json(Path(config_path))
     if config is not None:
+        if is_original_config(config):
+            config = layouts.original_config_to_diffusers(config)
         # Refuse a model this one cannot represent before reading tens of GB of weights.
-        WanConfig.from_diffusers(layouts.original_config_to_diffusers(config) if is_original_config(config) else config)
+        WanConfig.from_diffusers(config)
 
     sd = _load_files(files)
     original = layouts.is_original_layout(sd)
@@ -217,8 +219,6 @@ def read_base(src: str | os.PathLike, *, config_path: str | os.PathLike | None =
             "%s has no config.json: inferred the config from tensor shapes (head dim 128, eps 1e-6, "
             "rope_max_seq_len 1024): %s; pass --config if that is wrong", src, config
         )
-    elif is_original_config(config):
-        config = layouts.original_config_to_diffusers(config)
     return BaseWeights(config=dict(config), state_dict=sd, layout="original" if original else "diffusers",
                        source=str(src))
 

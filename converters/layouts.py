@@ -279,14 +279,14 @@ _MUSUBI_BLOCK_RE = re.compile(r"blocks_(\d+)_(.+)")
 
 def _musubi_to_original(key: str) -> str:
     """`lora_unet_blocks_0_self_attn_q.lora_down.weight` -> `blocks.0.self_attn.q.lora_down.weight`;
-    a module it does not know keeps its name (and is reported as unknown)."""
+    a key of a module it does not know stays as it is (and is reported as unknown)."""
     module, dot, leaf = key.removeprefix(MUSUBI_PREFIX).partition(".")
     m = _MUSUBI_BLOCK_RE.fullmatch(module)
     if m and m[2] in _MUSUBI_IN_BLOCK:
-        module = f"blocks.{m[1]}.{_MUSUBI_IN_BLOCK[m[2]]}"
-    else:
-        module = _MUSUBI_TOP.get(module, module)
-    return module + dot + leaf
+        return f"blocks.{m[1]}.{_MUSUBI_IN_BLOCK[m[2]]}" + dot + leaf
+    if module in _MUSUBI_TOP:
+        return _MUSUBI_TOP[module] + dot + leaf
+    return key
 
 # A LoRA key is `<module>.<leaf>`; the leaf says which factor it is. PEFT's adapter name (usually
 # `default`) may sit between the factor and `weight`.
@@ -366,12 +366,15 @@ def normalize_lora(
         raise ValueError(f"{source} holds no tensors; expected LoRA factors in one of:\n  " + "\n  ".join(ACCEPTED_LORA_LAYOUTS))
     if all(k.startswith(MUSUBI_PREFIX) for k in sd):
         sd = {_musubi_to_original(k): v for k, v in sd.items()}
-    # Full-weight diffs that are all zero change nothing (distillation LoRAs ship zeroed norm diffs;
-    # diffusers drops them too); non-zero ones are refused below.
-    zero_diffs = [k for k, v in sd.items() if k.endswith((".diff", ".diff_b")) and not np.any(np.asarray(v))]
+    # Full-weight diffs that are all zero change nothing (distillation LoRAs ship zeroed norm diffs), so
+    # they are dropped; others are refused below. diffusers also drops norm diffs that are merely small
+    # (< 1.6e-2), which changes the model a little: such a file loads there, not here.
+    zero_diffs = {k for k, v in sd.items() if k.endswith((".diff", ".diff_b")) and not np.any(np.asarray(v))}
     if zero_diffs:
-        log.info("%s: dropped %d all-zero weight diffs (%s)", source, len(zero_diffs), format_keys(zero_diffs, 2))
-        sd = {k: v for k, v in sd.items() if k not in set(zero_diffs)}
+        log.info("%s: dropped %d all-zero weight diffs (%s)", source, len(zero_diffs), format_keys(sorted(zero_diffs), 2))
+        sd = {k: v for k, v in sd.items() if k not in zero_diffs}
+        if not sd:
+            raise ValueError(f"{source} holds only all-zero weight diffs, no LoRA factors")
     unsupported = [k for k in sd if k.endswith((".lora_B.bias", ".diff_b", ".diff", ".dora_scale"))
                    or "lora_magnitude_vector" in k]
     if unsupported:

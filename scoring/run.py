@@ -54,6 +54,8 @@ class ItemResult:
     boxes_animal: np.ndarray | None = None
     boxes_object: np.ndarray | None = None
     error: str | None = None
+    # Set on a device failure: the result is saved, then the run stops. Not written anywhere.
+    abort: str | None = None
 
 
 @dataclass
@@ -88,9 +90,12 @@ def score_frames(frames: np.ndarray, animal: str, obj: str, dsr_type: str, detec
     return ItemResult(Status.VALID, dsr, boxes_a, boxes_o)
 
 
-# After this many model errors in a row the run stops: a broken setup would otherwise mark every
-# remaining video of the shard MODEL_ERROR, which only --retry-failed undoes.
+# After this many errors in a row the run stops: a broken setup would otherwise mark every remaining
+# video of the shard MODEL_ERROR, which only --retry-failed undoes.
 MAX_CONSECUTIVE_MODEL_ERRORS = 8
+# Outcomes for which every model ran, so the models work; the invalid statuses stop before the
+# tracker and leave the count of errors in a row as it is.
+_MODELS_RAN = (Status.VALID, Status.TOO_FEW_TRACKED_FRAMES)
 
 
 class ScoringAborted(RuntimeError):
@@ -107,15 +112,16 @@ def _is_device_failure(err: BaseException) -> bool:
 
 
 def _model_error(what: str, err: BaseException) -> ItemResult:
-    if _is_device_failure(err):
-        raise ScoringAborted(
-            f"{what}: {type(err).__name__}: {err}. The GPU is unusable for this process, so scoring stopped: "
-            "nothing was recorded for this video, and the videos finished before it are kept. Rerun the same "
-            "command to continue."
-        ) from err
     log.error("%s: model error: %s", what, err)
     log.debug("%s", "".join(traceback.format_exception(err)))
-    return ItemResult(Status.MODEL_ERROR, error=f"{type(err).__name__}: {err}")
+    result = ItemResult(Status.MODEL_ERROR, error=f"{type(err).__name__}: {err}")
+    if _is_device_failure(err):
+        result.abort = (
+            f"{what}: {result.error}. The GPU is unusable for this process, so scoring stopped; this video is "
+            "recorded as MODEL_ERROR and the videos before it are kept. Rerun the same command to continue "
+            "(add --retry-failed to score this video again)."
+        )
+    return result
 
 
 def _prefetch(loaders: Iterable[Callable[[], T]]) -> Iterator[tuple[T | None, BaseException | None]]:
@@ -193,30 +199,36 @@ def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, sha
     start = time.perf_counter()
     bar = _progress(total, f"score {i}/{n}", progress)
     failed_in_a_row = 0
-    for video in videos:
-        result = video.failure
-        if result is None:
-            row = video.row
-            try:
-                result = score_frames(video.frames, row["animal"], row["object"], row["type"], detector, tracker)
-            except Exception as e:
-                result = _model_error(video.label, e)
-        # Saved before the (optional, slower) inspection outputs: a crash loses at most the video in flight.
-        video.save(result)
-        if video.row is not None:
-            _inspection_outputs(video.frames, result, video.row["type"], video.stem, mp4_dir, plots_dir, fps)
-        summary.scored[result.status.name] += 1
-        bar.update(1)
-        bar.set_postfix_str(_postfix(summary.scored), refresh=False)
-        failed_in_a_row = failed_in_a_row + 1 if result.status == Status.MODEL_ERROR else 0
-        if failed_in_a_row == MAX_CONSECUTIVE_MODEL_ERRORS:
-            bar.close()
-            raise ScoringAborted(
-                f"{failed_in_a_row} videos in a row failed with model errors (the last: {result.error}); stopped "
-                "instead of marking the rest of the shard failed. Fix the cause, then rerun with --retry-failed "
-                "to score those videos again."
-            )
-    bar.close()
+    try:
+        for video in videos:
+            result = video.failure
+            if result is None:
+                row = video.row
+                try:
+                    result = score_frames(video.frames, row["animal"], row["object"], row["type"], detector, tracker)
+                except Exception as e:
+                    result = _model_error(video.label, e)
+            # Saved before the (optional, slower) inspection outputs: a crash loses at most the video in flight.
+            video.save(result)
+            if result.abort:
+                raise ScoringAborted(result.abort)
+            if video.row is not None:
+                _inspection_outputs(video.frames, result, video.row["type"], video.stem, mp4_dir, plots_dir, fps)
+            summary.scored[result.status.name] += 1
+            bar.update(1)
+            bar.set_postfix_str(_postfix(summary.scored), refresh=False)
+            if result.status == Status.MODEL_ERROR:
+                failed_in_a_row += 1
+            elif result.status in _MODELS_RAN:
+                failed_in_a_row = 0
+            if failed_in_a_row == MAX_CONSECUTIVE_MODEL_ERRORS:
+                raise ScoringAborted(
+                    f"{failed_in_a_row} videos in a row failed with errors (the last: {result.error}); stopped "
+                    "instead of marking the rest of the shard failed. Fix the cause, then rerun with "
+                    "--retry-failed to score those videos again."
+                )
+    finally:
+        bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 

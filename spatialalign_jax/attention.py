@@ -4,7 +4,8 @@
 - "xla" / "cudnn": `jax.nn.dot_product_attention` (cuDNN gives fused flash attention on GPUs);
 - "blockwise": per head, queries in blocks, so each step's scores and softmax stay in
   cache, which is what a CPU needs (XLA's unfused attention writes the whole score matrix out);
-- "auto": cuDNN on GPU for half-precision inputs (fp32 there: XLA), blockwise on CPU.
+- "auto": cuDNN on GPU for half-precision inputs; elsewhere off the CPU, XLA while its score matrix
+  is small (`XLA_SCORES_MAX_BYTES`), blockwise beyond; blockwise on CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ KERNEL_OUTPUTS = "attention_kernel"  # checkpoint name of the blockwise kernel's
 # heads side by side (at 320 tokens here, 1.6x faster forward). Larger score blocks run one head at a
 # time: side by side they evict each other (1.6x slower at 1280 tokens).
 CONCURRENT_HEADS_MAX_SCORES = 1 << 17
+# Off the CPU without cuDNN (float32, TPUs), XLA's attention holds all scores at once in float32: fine
+# for text keys (1.6 GB at 480x832x81, batch 2), not for video self-attention (100 GB).
+XLA_SCORES_MAX_BYTES = 1 << 31
 
 
 def _cudnn_attention_forward(prim, *_, **__) -> bool:
@@ -147,11 +151,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
            block_size: int = 2048) -> jax.Array:
     """Softmax attention over (batch, seq, heads, head_dim) arrays, no mask, scale 1/sqrt(head_dim).
 
-    ``auto``: cuDNN's fused kernel where it runs (GPU, half precision), else the blockwise kernel. Not
-    XLA's attention: it holds every score, 4.3 GB per head and sample in float32 at 480x832x81.
+    ``auto``: see the module docstring.
     """
     if implementation == "auto":
-        implementation = "cudnn" if _cudnn_supports(q) else "blockwise"
+        score_bytes = 4 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+        if _cudnn_supports(q):
+            implementation = "cudnn"
+        elif jax.default_backend() != "cpu" and score_bytes <= XLA_SCORES_MAX_BYTES:
+            implementation = "xla"
+        else:
+            implementation = "blockwise"
     if implementation == "blockwise" and k.shape[1] > SHORT_KEYS:
         return _blockwise_attention(q, k, v, block_size)
     if implementation == "blockwise":  # few keys (cross-attention to text): the scores are small anyway

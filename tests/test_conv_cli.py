@@ -117,6 +117,9 @@ def test_export_round_trip(work, tmp_path):
     assert_same_arrays(lora2, lora1)
     assert_same_arrays(base2, base1)
 
+    with pytest.raises(SystemExit):
+        to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "m"), "--merge", "--fold-alpha"])
+
     # --fold-alpha: alpha = rank in the metadata, alpha / rank in lora_B; the same model in diffusers,
     # and the same model under a loader that ignores the metadata (alpha = rank).
     folded = tmp_path / "folded.safetensors"

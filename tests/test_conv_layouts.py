@@ -336,6 +336,10 @@ def test_unknown_lora_layouts_list_keys_and_accepted_layouts():
         layouts.normalize_lora({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": z})
     with pytest.raises(ValueError, match=r"not implement.*blocks\.0\.norm3\.diff"):
         layouts.normalize_lora({"diffusion_model.blocks.0.norm3.diff": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"only all-zero weight diffs"):
+        layouts.normalize_lora({"diffusion_model.blocks.0.norm3.diff": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"unknown LoRA layout.*'lora_unet_blocks_0_foo\.lora_down\.weight'"):
+        layouts.normalize_lora({"lora_unet_blocks_0_foo.lora_down.weight": z, "lora_unet_blocks_0_foo.lora_up.weight": z.T})
     with pytest.raises(ValueError, match=r"(?s)unknown LoRA layout.*'blocks\.0\.attn9\.to_k\.lora_A\.weight'.*Accepted layouts"):
         layouts.normalize_lora({"blocks.0.attn9.to_k.lora_A.weight": z, "blocks.0.attn9.to_k.lora_B.weight": z.T})
     with pytest.raises(ValueError, match=r"not implement.*lora_B\.bias"):

@@ -282,9 +282,14 @@ def test_auto_attention_picks_cudnn_for_half_precision_on_gpu_else_blockwise(mon
     assert A._cudnn_supports(q.astype(jnp.bfloat16))
     assert not A._cudnn_supports(q)  # fp32: cuDNN's fused attention refuses it
     assert not A._cudnn_supports(jnp.zeros((1, 8, 2, 12), jnp.bfloat16))  # head dim not a multiple of 8
-    # ... and then the blockwise kernel runs, never XLA's attention with its whole score matrix.
+    # ... and then XLA's attention while its whole score matrix is small, the blockwise kernel beyond.
+    xla = []
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", lambda q, k, v, implementation: xla.append(implementation) or q)
     A.attend(q, q, q, "auto")
-    assert calls == ["blockwise", "blockwise"]
+    assert xla == ["xla"] and calls == ["blockwise"]
+    monkeypatch.setattr(A, "XLA_SCORES_MAX_BYTES", 4 * 2 * 300 * 300 - 1)
+    A.attend(q, q, q, "auto")
+    assert xla == ["xla"] and calls == ["blockwise", "blockwise"]
 
 
 def test_state_dict_shape_mismatch_in_one_block_names_that_key():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from scoring.loading import half_dtype
 from tests import tiny_scoring_models as tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,9 +34,9 @@ def test_vae_decode_on_cuda_matches_cpu(tmp_path):
     assert gpu.shape == cpu.shape == (2, 9, 64, 80, 3)
     assert diff.max() <= 8 and diff.mean() < 0.1 and (diff > 1).mean() < 0.01
 
-    bf16 = WanVaeDecoder(vae_dir, device="cuda", dtype=torch.bfloat16).decode(latents).astype(np.int16)
-    half_diff = np.abs(cpu - bf16)
-    print(f"VAE cuda bf16 vs cpu fp32: max {half_diff.max()} levels, mean {half_diff.mean():.3f}")
+    half = WanVaeDecoder(vae_dir, device="cuda", dtype=half_dtype()).decode(latents).astype(np.int16)
+    half_diff = np.abs(cpu - half)
+    print(f"VAE cuda {half_dtype()} vs cpu fp32: max {half_diff.max()} levels, mean {half_diff.mean():.3f}")
     assert half_diff.mean() < 4  # bf16 keeps ~3 significant digits: a coarse check that it decodes the same video
 
 
@@ -48,29 +49,32 @@ def test_grounding_dino_on_cuda_matches_cpu(tmp_path):
     cpu = GroundingDinoDetector(gdino_dir, device="cpu", **kwargs).detect(frames, "dog", "teddy bear")
     gpu = GroundingDinoDetector(gdino_dir, device="cuda", **kwargs).detect(frames, "dog", "teddy bear")
     box_err = score_err = 0.0
-    for want, got in zip(cpu, gpu, strict=True):
-        # A detection whose score sits within the tolerance of a threshold may appear on one side only.
-        want = [d for d in want if d.score > 0.06]
-        for det in want:
-            match = min((g for g in got if g.label == det.label),
-                        key=lambda g: np.abs(g.box - det.box).max(), default=None)
-            assert match is not None, f"{det} found on the CPU only"
-            box_err = max(box_err, float(np.abs(match.box - det.box).max()))
-            score_err = max(score_err, abs(match.score - det.score))
-    print(f"Grounding DINO cuda vs cpu: boxes within {box_err:.2e} px, scores within {score_err:.2e}")
-    assert sum(len(d) for d in cpu) > 0
+    matched = 0
+    for a_side, b_side in ((cpu, gpu), (gpu, cpu)):  # each side's detections must be on the other
+        for want, got in zip(a_side, b_side, strict=True):
+            # A detection whose score sits within the tolerance of a threshold may appear on one side only.
+            for det in (d for d in want if d.score > 0.06):
+                match = min((g for g in got if g.label == det.label),
+                            key=lambda g: np.abs(g.box - det.box).max(), default=None)
+                assert match is not None, f"{det} found on one device only"
+                box_err = max(box_err, float(np.abs(match.box - det.box).max()))
+                score_err = max(score_err, abs(match.score - det.score))
+                matched += 1
+    print(f"Grounding DINO cuda vs cpu: {matched} detections matched, boxes within {box_err:.2e} px, "
+          f"scores within {score_err:.2e}")
+    assert matched > 0, "the thresholds must let some boxes through for this test to mean anything"
     assert box_err < 0.5 and score_err < 5e-3
 
 
 def test_sam2_tracker_on_cuda_runs_every_frame(tmp_path):
     """Random weights make masks that sit on their 0 threshold, so boxes are not compared with the
-    CPU; every frame gets a box or NaN of the right shape, on the GPU, in float32 and bfloat16."""
+    CPU; every frame gets a box or NaN of the right shape, on the GPU, in float32 and in --half's dtype."""
     from scoring.track import TransformersSam2Tracker
 
     sam2_dir = tiny.sam2_video(tmp_path / "sam2")
     frames = np.random.default_rng(1).integers(0, 256, size=(6, 96, 120, 3), dtype=np.uint8)
     seeds = {"animal": np.array([10.0, 12.0, 50.0, 60.0]), "object": np.array([60.0, 20.0, 110.0, 90.0])}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, half_dtype()):
         boxes = TransformersSam2Tracker(sam2_dir, device="cuda", dtype=dtype).track(frames, 2, seeds)
         for name in seeds:
             assert boxes[name].shape == (6, 4) and boxes[name].dtype == np.float32

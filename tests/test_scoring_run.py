@@ -148,23 +148,27 @@ def test_a_broken_device_or_repeated_model_errors_stop_the_run(tmp_path):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return super().track(frames, start_frame, boxes)
 
-    with pytest.raises(ScoringAborted, match=r"(?s)illegal memory access.*nothing was recorded.*Rerun"):
+    with pytest.raises(ScoringAborted, match=r"(?s)illegal memory access.*recorded as MODEL_ERROR.*--retry-failed"):
         score_store(st, ColorDetector(), DeviceLost(), FakeDecoder(), progress=False)
     status = Store.open(tmp_path / "s").read_status()[:, 0]
-    assert (status[:2] == Status.VALID).all() and (status[2:] == Status.UNSCORED).all()
+    assert (status[:2] == Status.VALID).all() and status[2] == Status.MODEL_ERROR
+    assert (status[3:] == Status.UNSCORED).all()
 
     class Broken(ColorTracker):
         def track(self, frames, start_frame, boxes):
             raise ValueError("bad config")
 
+    # Invalid videos (no tracking) between the failures neither reset nor add to the count.
+    st.write_latents(4, 0, fake_latents(*trajectory("LR", T), MODE_DROP_FRAME), seed=0)
     with pytest.raises(ScoringAborted, match=rf"{MAX_CONSECUTIVE_MODEL_ERRORS} videos in a row.*--retry-failed"):
         score_store(st, ColorDetector(), Broken(), FakeDecoder(), progress=False)
     status = Store.open(tmp_path / "s").read_status()[:, 0]
-    assert (status == Status.MODEL_ERROR).sum() == MAX_CONSECUTIVE_MODEL_ERRORS
-    assert (status == Status.UNSCORED).sum() == len(types) - 2 - MAX_CONSECUTIVE_MODEL_ERRORS
-    # Fixed: the retry scores everything.
+    assert status[4] == Status.WRONG_FRAME_COUNT
+    assert (status == Status.MODEL_ERROR).sum() == 1 + MAX_CONSECUTIVE_MODEL_ERRORS
+    assert (status == Status.UNSCORED).sum() == len(types) - 4 - MAX_CONSECUTIVE_MODEL_ERRORS
+    # Fixed: the retry scores everything (the short video fails again, as it must).
     summary = score_store(st, ColorDetector(), ColorTracker(), FakeDecoder(), retry_failed=True, progress=False)
-    assert summary.scored == {"VALID": len(types) - 2}
+    assert summary.scored == {"VALID": len(types) - 3, "WRONG_FRAME_COUNT": 1}
 
 
 def test_three_concurrent_shards_equal_one_run(tmp_path):
