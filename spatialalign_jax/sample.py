@@ -1,7 +1,7 @@
 """``python -m spatialalign_jax.sample``: sample the reference model into a store's latents.
 
     python -m spatialalign_jax.sample --model MODEL --store STORE [--steps 50] [--guidance 5.0]
-        [--solver unipc|euler] [--shift 5.0] [--samples-per-prompt K | --seeds 0,1,2,3,4]
+        [--solver unipc|euler] [--noise jax|torch] [--shift 5.0] [--samples-per-prompt K | --seeds 0,1,2,3,4]
         [--base-seed 0] [--split train|test] [--shard i/n] [--mesh data=D,fsdp=F] [--batch N]
         [--dtype bfloat16|float32] [--use-lora]
 
@@ -11,7 +11,9 @@ the store's ``max_text_len``, into latents, with the stored negative-prompt embe
 ``Store.write_latents`` stores them with their seed (written last: the commit marker). A rerun
 skips finished samples, so an interrupted run resumes where it stopped.
 
-Seeds (the initial noise is a function of the seed alone, see ``sampler.initial_noise``):
+Seeds (the initial noise is a function of the seed alone, see ``sampler.initial_noise``; with
+``--noise torch`` it is the noise diffusers' ``WanPipeline`` starts from for that seed, so a sample
+can be reproduced in PyTorch):
 
 - ``test`` prompts: slot s gets seed s (SPEC section 2: seeds 0-4).
 - ``train`` prompts: ``derived_seed(base_seed, prompt_id, s)``, random-looking and reproducible.
@@ -36,7 +38,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import schedule
-from .sampler import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, SOLVERS, check_seeds, pad_text, sample
+from .sampler import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, NOISE_SOURCES, SOLVERS, check_seeds,
+                      pad_text, sample)
 from .store import SPLITS, Store, StoreError, shard_arg
 
 log = logging.getLogger("spatialalign_jax.sample")
@@ -153,13 +156,15 @@ def check_store_for_model(store: Store, model: Any, todo: Sequence[tuple[int, in
 def sample_store(store: Store, model: Any, *, slots: int | None = None, seeds: Sequence[int] | None = None,
                  base_seed: int = 0, shard: tuple[int, int] = (0, 1), split: str | None = None, batch_size: int = 1,
                  num_steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, shift: float = schedule.SHIFT,
-                 solver: str = DEFAULT_SOLVER,
+                 solver: str = DEFAULT_SOLVER, noise: str = "jax",
                  use_lora: bool = False, mesh: Any = None, progress: bool = True) -> SampleSummary:
     """Fills this shard's unsampled slots of ``store`` (opened "r+") with the model's latents; resumable."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise SampleError(f"--batch must be >= 1, got {batch_size}")
+    if noise not in NOISE_SOURCES:
+        raise SampleError(f"--noise {noise!r}: choose one of {NOISE_SOURCES}")
     _check_shift(shift)
     if mesh is not None and batch_size % mesh.size:
         raise SampleError(f"--batch {batch_size} cannot be split over the mesh's {mesh.size} devices "
@@ -183,7 +188,7 @@ def sample_store(store: Store, model: Any, *, slots: int | None = None, seeds: S
         text = np.stack([rows[p] for p, _, _ in padded])
         latents = np.asarray(sample(model, text, neg, seeds=[seed for _, _, seed in padded],
                                     latent_shape=store.latent_shape, num_steps=num_steps, guidance=guidance,
-                                    shift=shift, solver=solver, use_lora=use_lora, mesh=mesh))
+                                    shift=shift, solver=solver, use_lora=use_lora, mesh=mesh, noise=noise))
         if not np.isfinite(latents[: len(items)]).all():
             bad = [(store.prompts[p]["prompt_id"], s) for (p, s, _), x in zip(items, latents) if not np.isfinite(x).all()]
             raise FloatingPointError(f"non-finite latents for (prompt_id, slot) {bad[:5]}; nothing of this batch was "
@@ -213,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale; <= 1 turns CFG off")
     ap.add_argument("--shift", type=float, default=schedule.SHIFT, help="flow shift of the sampling schedule")
     ap.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER)
+    ap.add_argument("--noise", choices=NOISE_SOURCES, default="jax",
+                    help="initial noise per seed: JAX's generator (default), or torch's as diffusers' WanPipeline "
+                         "draws it with generator=torch.Generator().manual_seed(seed); keep one per store")
     ap.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/n: the prompts with index %% n == i")
     ap.add_argument("--mesh", default=None, help="data=D,fsdp=F over this process's devices (default: one device)")
     ap.add_argument("--batch", type=int, default=1, help="samples per sampler call (a multiple of the mesh size)")
@@ -256,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SampleError(f"--model {args.model!r} cannot be loaded: {e}") from None
         summary = sample_store(store, model, slots=args.samples_per_prompt, seeds=args.seeds, base_seed=args.base_seed,
                                shard=args.shard, split=args.split, batch_size=args.batch, num_steps=args.steps,
-                               guidance=args.guidance, shift=args.shift, solver=args.solver, use_lora=args.use_lora,
+                               guidance=args.guidance, shift=args.shift, solver=args.solver, noise=args.noise,
+                               use_lora=args.use_lora,
                                mesh=mesh, progress=not args.no_progress)
     except (SampleError, StoreError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,8 @@ from .model import WanTransformer3DModel
 from .sharding import batch_sharding, replicated
 
 SOLVERS = ("unipc", "euler")
+# Where a seed's initial noise comes from: JAX's generator, or torch's as WanPipeline draws it.
+NOISE_SOURCES = ("jax", "torch")
 DEFAULT_SOLVER = "unipc"
 DEFAULT_STEPS = 50  # SPEC section 6
 DEFAULT_GUIDANCE = 5.0
@@ -181,13 +183,33 @@ def _noise(seeds: jax.Array, latent_shape: tuple[int, ...], sharding: NamedShard
     return noise if sharding is None else jax.lax.with_sharding_constraint(noise, sharding)
 
 
+def _torch_noise(seeds: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
+    import torch
+
+    # WanPipeline.prepare_latents with generator=torch.Generator().manual_seed(seed): randn_tensor of
+    # (1, C, F, H, W) float32 drawn on the generator's device, the CPU.
+    return np.concatenate([
+        torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32).numpy()
+        for s in seeds
+    ])
+
+
 def initial_noise(seeds: Sequence[int] | np.ndarray, latent_shape: Sequence[int], *,
-                  mesh: Mesh | None = None) -> jax.Array:
-    """(B, C, F, H, W) float32: sample b is ``jax.random.normal(jax.random.key(seeds[b]), latent_shape)``."""
+                  mesh: Mesh | None = None, source: str = "jax") -> jax.Array:
+    """(B, C, F, H, W) float32 noise, sample b a function of ``seeds[b]`` alone.
+
+    ``source="jax"``: ``jax.random.normal(jax.random.key(seed), latent_shape)``, made on the devices.
+    ``source="torch"``: the latents diffusers' ``WanPipeline`` starts from with
+    ``generator=torch.Generator().manual_seed(seed)``, so a sample can be reproduced in PyTorch.
+    """
     seeds = check_seeds(seeds)
     latent_shape = tuple(int(x) for x in latent_shape)
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, F, H, W), got {latent_shape}")
+    if source == "torch":
+        return _put(_torch_noise(seeds, latent_shape), mesh)
+    if source != "jax":
+        raise ValueError(f"noise source {source!r} unknown; choose one of {NOISE_SOURCES}")
     sharding = None if mesh is None else batch_sharding(mesh, 5)
     return _noise(_put(seeds, mesh), latent_shape, sharding)
 
@@ -297,15 +319,15 @@ def _run(model: WanTransformer3DModel, latents: Any, text_emb: Any, neg_emb: Any
 def sample(model: WanTransformer3DModel, text_emb: Any, neg_emb: Any | None, *, seeds: Sequence[int] | np.ndarray,
            latent_shape: Sequence[int], num_steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
            shift: float = schedule.SHIFT, solver: str = DEFAULT_SOLVER, use_lora: bool = False,
-           mesh: Mesh | None = None) -> jax.Array:
+           mesh: Mesh | None = None, noise: str = "jax") -> jax.Array:
     """Text-to-video latents (B, C, F, H, W) float32 for a batch of seeds, one per row of ``text_emb``.
 
-    The initial noise of row b is ``initial_noise([seeds[b]], latent_shape)``; the rest is
-    ``denoise``. ``latent_shape`` is (C, F, H, W), e.g. ``latent_shape_for(81, 480, 832)``.
+    The initial noise of row b is ``initial_noise([seeds[b]], latent_shape, source=noise)``; the rest
+    is ``denoise``. ``latent_shape`` is (C, F, H, W), e.g. ``latent_shape_for(81, 480, 832)``.
     """
     seeds = check_seeds(seeds)
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, F, H, W), got {tuple(latent_shape)}")
     _check_inputs(model, (len(seeds), *(int(x) for x in latent_shape)), text_emb, neg_emb, guidance, mesh)
-    noise = initial_noise(seeds, latent_shape, mesh=mesh)
-    return _run(model, noise, text_emb, neg_emb, num_steps, guidance, shift, solver, use_lora, mesh)
+    x = initial_noise(seeds, latent_shape, mesh=mesh, source=noise)
+    return _run(model, x, text_emb, neg_emb, num_steps, guidance, shift, solver, use_lora, mesh)

@@ -95,6 +95,24 @@ def test_trajectory_matches_wan_pipeline(model_dir, model, embeddings, one_torch
     assert np.abs(ours - noise).max() > 0.1
 
 
+def test_torch_noise_reproduces_wan_pipeline_by_seed(model_dir, model, embeddings, one_torch_thread):
+    """noise="torch": the same samples as WanPipeline given only the seeds (a torch.Generator each)."""
+    text, neg = embeddings
+    seeds = [3, 7]
+    ours = np.asarray(sampler.sample(model, text, neg, seeds=seeds, latent_shape=LATENT_SHAPE, num_steps=3,
+                                     guidance=5.0, shift=5.0, solver="unipc", noise="torch"))
+    pipe = _pipeline(model_dir, _scheduler("unipc"))
+    C, F, H, W = LATENT_SHAPE
+    ref = pipe(prompt_embeds=torch.from_numpy(text), negative_prompt_embeds=torch.from_numpy(np.stack([neg, neg])),
+               generator=[torch.Generator().manual_seed(s) for s in seeds], height=H * 8, width=W * 8,
+               num_frames=(F - 1) * 4 + 1, num_inference_steps=3, guidance_scale=5.0, output_type="latent").frames.numpy()
+    assert np.abs(ours - ref).max() <= PARITY_RTOL * np.abs(ref).max()
+    jax_noise = np.asarray(sampler.initial_noise(seeds, LATENT_SHAPE))
+    assert not np.allclose(np.asarray(sampler.initial_noise(seeds, LATENT_SHAPE, source="torch")), jax_noise)
+    with pytest.raises(ValueError, match="noise source 'numpy' unknown"):
+        sampler.initial_noise(seeds, LATENT_SHAPE, source="numpy")
+
+
 def test_unipc_first_and_last_steps():
     """Order 1 UniPC in flow form is an Euler step; the last step lands on the x0-prediction."""
     plan = sampler.sampling_plan(4, 5.0, "unipc")
@@ -229,6 +247,11 @@ def test_cli_explicit_seeds(tmp_path, model_dir):
     _store(path, num_prompts=1)
     assert _cli(model_dir, path, "--seeds", "42", "--guidance", "1") == 0
     assert Store.open(path).read_seeds().tolist() == [[42, -1]]
+    # --noise torch reaches the sampler: a different start, so a different sample for the same seed
+    path2 = tmp_path / "store2"
+    _store(path2, num_prompts=1)
+    assert _cli(model_dir, path2, "--seeds", "42", "--guidance", "1", "--noise", "torch") == 0
+    assert not np.allclose(Store.open(path2).read_latents(0, 0)[0], Store.open(path).read_latents(0, 0)[0])
 
 
 def test_cli_bad_inputs(tmp_path, model_dir, capsys):
