@@ -16,9 +16,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-PARTS=",${GPU_CHECK_PARTS:-scoring,tests,train,step,forward,sample},"
-for part in ${PARTS//,/ }; do
-  case $part in scoring|tests|train|step|forward|sample) ;;
+PARTS="${GPU_CHECK_PARTS:-scoring,tests,train,step,forward,sample}"
+PARTS=",${PARTS// /},"  # "scoring, tests" means the same as "scoring,tests"
+IFS=, read -ra parts <<< "${PARTS:1}"
+for part in "${parts[@]}"; do
+  case $part in ""|scoring|tests|train|step|forward|sample) ;;
     *) echo "gpu_check: unknown part '$part' in GPU_CHECK_PARTS (scoring,tests,train,step,forward,sample)" >&2; exit 2 ;;
   esac
 done

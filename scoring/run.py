@@ -90,8 +90,8 @@ def score_frames(frames: np.ndarray, animal: str, obj: str, dsr_type: str, detec
     return ItemResult(Status.VALID, dsr, boxes_a, boxes_o)
 
 
-# After this many errors in a row the run stops: a broken setup would otherwise mark every remaining
-# video of the shard MODEL_ERROR, which only --retry-failed undoes.
+# After this many model errors with no tracked video between them the run stops: a broken setup would
+# otherwise mark every remaining video of the shard MODEL_ERROR, which only --retry-failed undoes.
 MAX_CONSECUTIVE_MODEL_ERRORS = 8
 # Outcomes for which every model ran, so the models work; the invalid statuses stop before the
 # tracker and leave the count of errors in a row as it is.
@@ -223,12 +223,15 @@ def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, sha
                 failed_in_a_row = 0
             if failed_in_a_row == MAX_CONSECUTIVE_MODEL_ERRORS:
                 raise ScoringAborted(
-                    f"{failed_in_a_row} videos in a row failed with errors (the last: {result.error}); stopped "
+                    f"{failed_in_a_row} videos failed with errors and none was tracked between them (the last: "
+                    f"{result.error}); stopped "
                     "instead of marking the rest of the shard failed. Fix the cause, then rerun with "
                     "--retry-failed to score those videos again."
                 )
     finally:
         bar.close()
+        if hasattr(videos, "close"):  # a generator: stops its read-ahead now, not when collected
+            videos.close()
     summary.seconds = time.perf_counter() - start
     return summary
 

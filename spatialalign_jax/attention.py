@@ -26,8 +26,9 @@ KERNEL_OUTPUTS = "attention_kernel"  # checkpoint name of the blockwise kernel's
 # heads side by side (at 320 tokens here, 1.6x faster forward). Larger score blocks run one head at a
 # time: side by side they evict each other (1.6x slower at 1280 tokens).
 CONCURRENT_HEADS_MAX_SCORES = 1 << 17
-# Off the CPU without cuDNN (float32, TPUs), XLA's attention holds all scores at once in float32: fine
-# for text keys (1.6 GB at 480x832x81, batch 2), not for video self-attention (100 GB).
+# Off the CPU without cuDNN (float32, TPUs), XLA's attention holds all scores at once in float32 (and
+# the probabilities beside them): fine for text keys (1.6 GB of scores at 480x832x81, batch 2), not
+# for video self-attention (100 GB). The bound is on the global batch, so sharded runs err to blockwise.
 XLA_SCORES_MAX_BYTES = 1 << 31
 
 

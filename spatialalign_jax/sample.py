@@ -9,7 +9,9 @@ For every prompt of this shard and every sample slot still without latents (``se
 sampler (``spatialalign_jax.sampler``) turns the prompt's stored text embedding, zero-padded to
 the store's ``max_text_len``, into latents, with the stored negative-prompt embedding for CFG, and
 ``Store.write_latents`` stores them with their seed (written last: the commit marker). A rerun
-skips finished samples, so an interrupted run resumes where it stopped.
+skips finished samples, so an interrupted run resumes where it stopped. The first run records its
+sampler settings (noise, steps, guidance, shift, solver) in the store's ``sampling.json``; a later
+run with other settings is refused.
 
 Seeds (the initial noise is a function of the seed alone, see ``sampler.initial_noise``; with
 ``--noise torch`` it is the noise diffusers' ``WanPipeline`` starts from for that seed, so a sample
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -40,6 +43,7 @@ import numpy as np
 from . import schedule
 from .sampler import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, NOISE_SOURCES, SOLVERS, check_seeds,
                       pad_text, sample)
+from .atomic import write_text_atomic
 from .store import SPLITS, Store, StoreError, shard_arg
 
 log = logging.getLogger("spatialalign_jax.sample")
@@ -153,6 +157,30 @@ def check_store_for_model(store: Store, model: Any, todo: Sequence[tuple[int, in
                           f"`{ENCODE_HINT.format(store=store.path)}` first (or sample with --guidance 1)")
 
 
+# What makes a store's samples comparable, kept beside them by the first sampling run: a later run
+# (a resume, another shard) with other settings would mix two distributions under the same seeds.
+SETTINGS_FILE = "sampling.json"
+
+
+def record_settings(store: Store, settings: Mapping[str, Any]) -> None:
+    """Writes ``settings`` to the store's ``sampling.json``, or refuses ones that differ from it."""
+    path = Path(store.path) / SETTINGS_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path} is not valid JSON ({e}); delete it to record this run's settings") from None
+        differ = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if differ:
+            raise SampleError(
+                f"store {store.path} was sampled with other settings: "
+                + ", ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+                + f". Sample it with the same ones, or delete {path} to mix them knowingly."
+            )
+        return
+    write_text_atomic(path, json.dumps(dict(settings), indent=1) + "\n")
+
+
 def sample_store(store: Store, model: Any, *, slots: int | None = None, seeds: Sequence[int] | None = None,
                  base_seed: int = 0, shard: tuple[int, int] = (0, 1), split: str | None = None, batch_size: int = 1,
                  num_steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, shift: float = schedule.SHIFT,
@@ -176,6 +204,8 @@ def sample_store(store: Store, model: Any, *, slots: int | None = None, seeds: S
     check_store_for_model(store, model, todo, guidance)
     if not todo:
         return summary
+    record_settings(store, {"noise": noise, "num_steps": int(num_steps), "guidance": float(guidance),
+                            "shift": float(shift), "solver": solver})
     L = store.max_text_len
     neg = pad_text(store.read_negative_text_embedding(), L) if guidance > 1.0 else None
     start = time.perf_counter()
@@ -220,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER)
     ap.add_argument("--noise", choices=NOISE_SOURCES, default="jax",
                     help="initial noise per seed: JAX's generator (default), or torch's as diffusers' WanPipeline "
-                         "draws it with generator=torch.Generator().manual_seed(seed); keep one per store")
+                         "draws it with generator=torch.Generator().manual_seed(seed)")
     ap.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/n: the prompts with index %% n == i")
     ap.add_argument("--mesh", default=None, help="data=D,fsdp=F over this process's devices (default: one device)")
     ap.add_argument("--batch", type=int, default=1, help="samples per sampler call (a multiple of the mesh size)")

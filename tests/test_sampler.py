@@ -242,7 +242,7 @@ def test_cli_fills_resumes_and_shards(tmp_path, model_dir, model, capsys):
     np.testing.assert_allclose(latents, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def test_cli_explicit_seeds(tmp_path, model_dir):
+def test_cli_explicit_seeds(tmp_path, model_dir, capsys):
     path = tmp_path / "store"
     _store(path, num_prompts=1)
     assert _cli(model_dir, path, "--seeds", "42", "--guidance", "1") == 0
@@ -252,6 +252,12 @@ def test_cli_explicit_seeds(tmp_path, model_dir):
     _store(path2, num_prompts=1)
     assert _cli(model_dir, path2, "--seeds", "42", "--guidance", "1", "--noise", "torch") == 0
     assert not np.allclose(Store.open(path2).read_latents(0, 0)[0], Store.open(path).read_latents(0, 0)[0])
+    # the store remembers: more samples with other settings are refused, naming them
+    assert _cli(model_dir, path2, "--seeds", "42,43", "--guidance", "1") == 2
+    err = capsys.readouterr().err
+    assert "noise 'torch' there, 'jax' now" in err and "sampling.json" in err
+    assert Store.open(path2).read_seeds().tolist() == [[42, -1]]
+    assert _cli(model_dir, path2, "--seeds", "42,43", "--guidance", "1", "--noise", "torch") == 0
 
 
 def test_cli_bad_inputs(tmp_path, model_dir, capsys):

@@ -160,7 +160,7 @@ def test_a_broken_device_or_repeated_model_errors_stop_the_run(tmp_path):
 
     # Invalid videos (no tracking) between the failures neither reset nor add to the count.
     st.write_latents(4, 0, fake_latents(*trajectory("LR", T), MODE_DROP_FRAME), seed=0)
-    with pytest.raises(ScoringAborted, match=rf"{MAX_CONSECUTIVE_MODEL_ERRORS} videos in a row.*--retry-failed"):
+    with pytest.raises(ScoringAborted, match=rf"{MAX_CONSECUTIVE_MODEL_ERRORS} videos failed.*--retry-failed"):
         score_store(st, ColorDetector(), Broken(), FakeDecoder(), progress=False)
     status = Store.open(tmp_path / "s").read_status()[:, 0]
     assert status[4] == Status.WRONG_FRAME_COUNT
