@@ -117,24 +117,17 @@ def main() -> None:
     torch.manual_seed(0)
     frames, seeds = synthetic_video(args.frames)
 
-    def timed(fn):
+    def timed(fn) -> tuple[float, float | None]:
+        """Seconds of ``fn()`` and, on CUDA, the allocator's high-water mark over it in GiB."""
         if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    def peak_gib(fn) -> float | None:
-        """The CUDA allocator's high-water mark over ``fn`` (None on the CPU)."""
-        if not cuda:
-            fn()
-            return None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        return torch.cuda.max_memory_allocated() / 2**30
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
     vae = {}
     if vae_latent_frames > 0:
@@ -145,12 +138,10 @@ def main() -> None:
             decoder = WanVaeDecoder(tmp, device=args.device, dtype=dtype)
             latents = torch.randn(16, vae_latent_frames, HEIGHT // 8, WIDTH // 8)
             decoder.decode(latents[:, :2])  # warm-up: cuDNN's algorithm choice, the allocator
-            decoded = {}
-            vae_gib = peak_gib(lambda: decoded.setdefault("s", timed(lambda: decoder.decode(latents))))
+            vae_s, vae_gib = timed(lambda: decoder.decode(latents))
             vae_frames = decoder.num_frames(vae_latent_frames)
             vae = {"vae_latent_frames": vae_latent_frames, "vae_decoded_frames": vae_frames,
-                   "vae_decode_s": decoded["s"], "vae_decode_fps": vae_frames / decoded["s"],
-                   "vae_peak_gib": vae_gib}
+                   "vae_decode_s": vae_s, "vae_decode_fps": vae_frames / vae_s, "vae_peak_gib": vae_gib}
             del decoder
 
     with tempfile.TemporaryDirectory(prefix="bench_scoring_") as tmp:
@@ -166,10 +157,8 @@ def main() -> None:
         # Warm-up on a short clip (allocator, kernels), then the timed run.
         detector.detect(frames[:1], "cat", "chair")
         tracker.track(frames[:2], 0, seeds)
-        times = {}
-        detect_gib = peak_gib(lambda: times.setdefault("detect", timed(lambda: detector.detect(frames, "cat", "chair"))))
-        track_gib = peak_gib(lambda: times.setdefault("track", timed(lambda: tracker.track(frames, 0, seeds))))
-        detect_s, track_s = times["detect"], times["track"]
+        detect_s, detect_gib = timed(lambda: detector.detect(frames, "cat", "chair"))
+        track_s, track_gib = timed(lambda: tracker.track(frames, 0, seeds))
 
     n = len(frames)
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"

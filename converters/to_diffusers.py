@@ -62,8 +62,8 @@ def _base_state_dict(base_path: str | Path, cfg) -> dict[str, np.ndarray]:
         if not meta.get("has_base", True):
             raise ValueError(f"--base {str(base_path)!r} holds LoRA weights only; pass the base model it was "
                              "trained on (a diffusers folder, an original Wan checkpoint or a converted base)")
-        base_cfg, sd = WanConfig.from_diffusers(meta["config"]), diffusers_from_flax(
-            WanConfig.from_diffusers(meta["config"]), base)
+        base_cfg = WanConfig.from_diffusers(meta["config"])
+        sd = diffusers_from_flax(base_cfg, base)
     else:
         weights = io.read_base(base_path)
         base_cfg, sd = WanConfig.from_diffusers(weights.config), weights.state_dict
@@ -113,17 +113,15 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fo
         raise ValueError(f"{src} holds no LoRA weights; use --merge to export the base model as a diffusers folder")
     peft = lora_peft_from_flax(cfg, lora_cfg, lora)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft})
-    if lora_cfg.alpha != lora_cfg.rank and fold_alpha:
-        fold = np.float32(lora_cfg.alpha / lora_cfg.rank)
-        peft = {k: (np.asarray(v, np.float32) * fold if ".lora_B." in k else v) for k, v in peft.items()}
-        log.info("alpha / rank = %g folded into lora_B; written with alpha = rank = %d",
-                 lora_cfg.alpha / lora_cfg.rank, lora_cfg.rank)
+    scale = lora_cfg.alpha / lora_cfg.rank
+    if scale != 1 and fold_alpha:
+        peft = {k: (np.asarray(v, np.float32) * np.float32(scale) if ".lora_B." in k else v) for k, v in peft.items()}
+        log.info("alpha / rank = %g folded into lora_B; written with alpha = rank = %d", scale, lora_cfg.rank)
         lora_cfg = dataclasses.replace(lora_cfg, alpha=float(lora_cfg.rank))
-    elif lora_cfg.alpha != lora_cfg.rank:
+    elif scale != 1:
         log.warning("LoRA alpha %g != rank %d: diffusers reads alpha from the file's adapter metadata, but loaders "
                     "that ignore it (ComfyUI, older diffusers) would scale it by 1 instead of alpha / rank = %g; "
-                    "pass --fold-alpha for a file every loader reads alike", lora_cfg.alpha, lora_cfg.rank,
-                    lora_cfg.alpha / lora_cfg.rank)
+                    "pass --fold-alpha for a file every loader reads alike", lora_cfg.alpha, lora_cfg.rank, scale)
     metadata = peft_adapter_config(lora_cfg, modules)
     layers = {k: _to_torch(np.asarray(v, np.float32)) for k, v in peft.items()}
     with io.atomic_output(atomic_target, overwrite=overwrite) as tmp:

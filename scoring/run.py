@@ -224,9 +224,8 @@ def _score_videos(videos: Iterable[_Video], total: int, summary: RunSummary, sha
             if failed_in_a_row == MAX_CONSECUTIVE_MODEL_ERRORS:
                 raise ScoringAborted(
                     f"{failed_in_a_row} videos failed with errors and none was tracked between them (the last: "
-                    f"{result.error}); stopped "
-                    "instead of marking the rest of the shard failed. Fix the cause, then rerun with "
-                    "--retry-failed to score those videos again."
+                    f"{result.error}); stopped instead of marking the rest of the shard failed. Fix the cause, "
+                    "then rerun with --retry-failed to score those videos again."
                 )
     finally:
         bar.close()

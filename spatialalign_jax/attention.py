@@ -23,8 +23,8 @@ SHORT_KEYS = 256
 KERNEL_OUTPUTS = "attention_kernel"  # checkpoint name of the blockwise kernel's output and log-sum-exp
 # A head whose (block x keys) scores are at most this many fit in one core's cache with room to spare:
 # too little work to spread over the cores, so the kernel unrolls its loop over heads and XLA:CPU runs
-# heads side by side (at 320 tokens here, 1.6x faster forward). Larger score blocks run one head at a
-# time: side by side they evict each other (1.6x slower at 1280 tokens).
+# heads side by side (faster at 320 tokens on this project's CPU). Larger score blocks run one head at
+# a time: side by side they evict each other (slower at 1280 tokens).
 CONCURRENT_HEADS_MAX_SCORES = 1 << 17
 # Off the CPU without cuDNN (float32, TPUs), XLA's attention holds all scores at once in float32 (and
 # the probabilities beside them): fine for text keys (1.6 GB of scores at 480x832x81, batch 2), not

@@ -22,8 +22,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
 import json
+import math
 import os
 import types
 import typing
@@ -224,10 +224,10 @@ class DataSection:
             if unknown:
                 _fail("data.synthetic", f"unknown keys {unknown}; valid keys: {', '.join(known)}")
             for name, value in self.synthetic.items():  # whole numbers; latent_shape a list of them
-                shape = name == "latent_shape"
-                ints = value if shape and isinstance(value, (list, tuple)) else None if shape else [value]
-                if not ints or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-                    kind = "a list of whole numbers" if shape else "a whole number >= 0"
+                ints = value if name == "latent_shape" else [value]
+                if (not isinstance(ints, (list, tuple)) or not ints
+                        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints)):
+                    kind = "a list of whole numbers" if name == "latent_shape" else "a whole number >= 0"
                     _fail(f"data.synthetic.{name}", f"must be {kind}, got {value!r}")
 
     def synthetic_kwargs(self) -> dict[str, Any]:

@@ -41,9 +41,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import schedule
+from .atomic import write_text_atomic
 from .sampler import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, NOISE_SOURCES, SOLVERS, check_seeds,
                       pad_text, sample)
-from .atomic import write_text_atomic
 from .store import SPLITS, Store, StoreError, shard_arg
 
 log = logging.getLogger("spatialalign_jax.sample")

@@ -94,21 +94,24 @@ def test_converted_checkpoint_loads_onto_the_device_and_checks_shapes(work, tmp_
         load_transformer(edited)
 
 
-def test_export_round_trip(work, tmp_path):
+def _check_diffusers_loads_export(work, path, *, alpha, rank):
+    """The exported file's adapter metadata, and diffusers' forward with it loaded: the trained model's."""
     from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
 
+    with safe_open(str(path), "pt") as f:
+        md = json.loads(f.metadata()[io.LORA_METADATA_KEY])
+    assert md["transformer.lora_alpha"] == alpha and md["transformer.r"] == rank
+    model = WanTransformer3DModel.from_pretrained(work["root"] / "base")
+    model.load_lora_adapter(str(path), prefix="transformer", use_safetensors=True)
+    assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
+
+
+def test_export_round_trip(work, tmp_path):
     assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "out")]) == 0
     out = tmp_path / "out" / "pytorch_lora_weights.safetensors"
     assert_same_arrays({k: v.numpy() for k, v in load_file(out).items()}, load_file(work["lora_file"]))
-    from safetensors import safe_open
-
-    with safe_open(str(out), "pt") as f:
-        md = json.loads(f.metadata()[io.LORA_METADATA_KEY])
-    assert md["transformer.lora_alpha"] == 8 and md["transformer.r"] == 4
-
-    model = WanTransformer3DModel.from_pretrained(work["root"] / "base")
-    model.load_lora_adapter(str(out), prefix="transformer", use_safetensors=True)
-    assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
+    _check_diffusers_loads_export(work, out, alpha=8, rank=4)
 
     # Back into Flax from the exported file: the same checkpoint.
     assert to_flax.main(["--src", str(work["root"] / "base"), "--dst", str(tmp_path / "again"), "--lora", str(out)]) == 0
@@ -121,15 +124,10 @@ def test_export_round_trip(work, tmp_path):
         to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "m"), "--merge", "--fold-alpha"])
 
     # --fold-alpha: alpha = rank in the metadata, alpha / rank in lora_B; the same model in diffusers,
-    # and the same model under a loader that ignores the metadata (alpha = rank).
+    # so a loader that ignores the metadata (it takes alpha = rank) gets it too.
     folded = tmp_path / "folded.safetensors"
     assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(folded), "--fold-alpha"]) == 0
-    with safe_open(str(folded), "pt") as f:
-        md = json.loads(f.metadata()[io.LORA_METADATA_KEY])
-    assert md["transformer.lora_alpha"] == 4 and md["transformer.r"] == 4
-    model = WanTransformer3DModel.from_pretrained(work["root"] / "base")
-    model.load_lora_adapter(str(folded), prefix="transformer", use_safetensors=True)
-    assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
+    _check_diffusers_loads_export(work, folded, alpha=4, rank=4)
 
 
 @pytest.mark.parametrize("shard", [None, "30KB"])
