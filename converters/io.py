@@ -271,12 +271,16 @@ def read_lora(path: str | os.PathLike, *, alpha: float | None = None) -> layouts
 
 
 def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuses an existing destination unless `overwrite`; checked before any work is done."""
+    """Refuses an existing destination unless `overwrite`, and creates its parent folders; done before
+    any work."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"destination {str(dst)!r} already exists; pass --overwrite to replace it")
-    if not dst.parent.exists():
-        raise FileNotFoundError(f"parent folder of the destination {str(dst.parent)!r} does not exist")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FileExistsError(f"the destination's parent {str(dst.parent)!r} (or a folder above it) is a file; "
+                                 "choose another --dst") from None
     return dst
 
 

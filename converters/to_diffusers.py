@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from converters import io
+from spatialalign_jax import atomic
 
 log = logging.getLogger("converters.to_diffusers")
 
@@ -90,7 +91,9 @@ def _save_lora_file(path: Path, layers: Mapping[str, Any], metadata: Mapping[str
         # diffusers' own writer, so the file is what its training scripts produce.
         WanPipeline.save_lora_weights(scratch, transformer_lora_layers=dict(layers),
                                       transformer_lora_adapter_metadata=dict(metadata), weight_name=io.LORA_WEIGHTS)
-        os.replace(Path(scratch) / io.LORA_WEIGHTS, path)
+        written = Path(scratch) / io.LORA_WEIGHTS
+        atomic.give_plain_mode(written)
+        os.replace(written, path)
 
 
 def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fold_alpha: bool = False) -> Path:
@@ -168,6 +171,7 @@ def write_diffusers_folder(folder: Path, config: Mapping[str, Any], sd: dict[str
                                                filename_pattern=WEIGHTS_NAME_PATTERN)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n].contiguous() for n in names}, folder / filename, metadata={"format": "pt"})
+        atomic.give_plain_mode(folder / filename)
         for n in names:
             del tensors[n]
     if split.is_sharded:

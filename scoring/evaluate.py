@@ -1,7 +1,7 @@
 """Evaluation of a scored store or video folder: Correctness@tau, quality metrics, the report.
 
 Outputs in ``out_dir``: ``report.json`` (strict JSON, NaN as null), ``correctness.png`` and
-``correctness.txt`` (the curve as a table, also printed).
+``correctness.txt`` (the curve as a table and the quality metrics' means, also printed).
 """
 
 from __future__ import annotations
@@ -162,6 +162,15 @@ def quality_report(samples: Sequence[EvalSample], metrics: Mapping[str, QualityM
     return out
 
 
+def _quality_lines(quality: Mapping[str, Any]) -> str:
+    """The quality metrics under the curve's table: one line each, mean and how many videos it covers."""
+    lines = [f"{name}: {v['mean']:.4f} over {v['num_samples']} videos" for name, v in quality.items()
+             if isinstance(v, dict)]
+    if quality.get("errors"):
+        lines.append(f"quality metric errors: {quality['errors']} (see the log)")
+    return "".join("\n" + line for line in lines)
+
+
 def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, *, label: str,
                      source: Mapping[str, Any], quality: Mapping[str, QualityMetric] | None = None,
                      quality_note: str | None = None, notes: Mapping[str, Any] | None = None,
@@ -193,7 +202,7 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
         {"prompt_id": s.prompt_id, "seed": s.seed, "type": s.type, "status": s.status.name, "dsr": float(d)}
         for s, d in zip(samples, dsr)
     ]
-    table = correctness_table({label: curve})
+    table = correctness_table({label: curve}) + _quality_lines(report["quality"])
     print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "correctness.txt", table + "\n")

@@ -14,6 +14,13 @@ from typing import Iterator
 
 _UMASK = os.umask(0)  # read once, at import (setting it back at once); os has no way to only read it
 os.umask(_UMASK)
+PLAIN_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: readable by others unless the umask says not
+
+
+def give_plain_mode(path: str | os.PathLike) -> None:
+    """Undoes an owner-only mode that a library writer chose (safetensors' `save_file` writes 0600), so
+    that exports are readable by other users and services, as a file written with open() is."""
+    os.chmod(path, PLAIN_FILE_MODE)
 
 
 @contextlib.contextmanager
@@ -23,7 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; the output gets a plain file's mode
+    os.fchmod(fd, PLAIN_FILE_MODE)  # mkstemp makes it owner-only; the output gets a plain file's mode
     os.close(fd)
     try:
         yield Path(tmp)

@@ -107,9 +107,18 @@ def _check_diffusers_loads_export(work, path, *, alpha, rank):
     assert _rel_err(torch_forward(model, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-6
 
 
+def _plain_mode(path) -> bool:
+    """Readable as a file written with open() is (safetensors' own writer makes files owner-only)."""
+    from spatialalign_jax.atomic import PLAIN_FILE_MODE
+
+    return path.stat().st_mode & 0o777 == PLAIN_FILE_MODE
+
+
 def test_export_round_trip(work, tmp_path):
-    assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "out")]) == 0
-    out = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    # The destination's parent folders are created, as for the README's `--dst export/lora`.
+    assert to_diffusers.main(["--src", str(work["ckpt"]), "--dst", str(tmp_path / "export" / "out")]) == 0
+    out = tmp_path / "export" / "out" / "pytorch_lora_weights.safetensors"
+    assert _plain_mode(out)
     assert_same_arrays({k: v.numpy() for k, v in load_file(out).items()}, load_file(work["lora_file"]))
     _check_diffusers_loads_export(work, out, alpha=8, rank=4)
 
@@ -137,6 +146,7 @@ def test_merge_equals_unmerged(work, tmp_path, shard):
     argv = ["--src", str(work["ckpt"]), "--dst", str(tmp_path / "merged"), "--merge"]
     assert to_diffusers.main(argv + (["--max-shard-size", shard] if shard else [])) == 0
     assert (tmp_path / "merged" / to_diffusers.WEIGHTS_INDEX_NAME).exists() == bool(shard)
+    assert all(_plain_mode(f) for f in (tmp_path / "merged").glob("*.safetensors"))
     merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged")
     assert _rel_err(torch_forward(merged, work["x"], work["t"], work["ctx"]), work["ref_lora"]) <= 1e-5
 
@@ -307,11 +317,14 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     assert to_flax.main(["--src", base, "--dst", str(tmp_path / "dst")]) == 1
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "dst").is_dir()
     (tmp_path / "dst").rmdir()
+    (tmp_path / "afile").write_text("")
+    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "afile" / "ck")]) == 1
+    assert "is a file" in capsys.readouterr().err
 
     # to_diffusers: missing checkpoint, a checkpoint without LoRA.
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "nock")], "not a converted checkpoint", cli=to_diffusers)
-    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "nolora_ck")]) == 0
-    _fails(capsys, tmp_path, ["--src", str(tmp_path / "nolora_ck")], "holds no LoRA", "--merge", cli=to_diffusers)
+    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "checkpoints" / "nolora_ck")]) == 0
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "checkpoints" / "nolora_ck")], "holds no LoRA", "--merge", cli=to_diffusers)
 
 
 def test_failed_conversion_leaves_nothing(work, tmp_path, monkeypatch):

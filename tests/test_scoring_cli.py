@@ -179,6 +179,10 @@ def test_evaluate_video_folder_with_fake_quality(tmp_path, capsys):
     assert rep["quality"]["id_consistency"] == {"mean": 1.0, "num_samples": 2}
     assert rep["quality"]["clip_iqa_natural"]["num_samples"] == 2 and rep["quality"]["errors"] == 0
     assert seen == [(T, 96, 128, 3)] * 2  # the unreadable video was skipped, not loaded
+    # The means are printed and written under the curve, not only in report.json.
+    clip_mean = rep["quality"]["clip_iqa_natural"]["mean"]
+    for text in (capsys.readouterr().out, (tmp_path / "q" / "correctness.txt").read_text()):
+        assert "id_consistency: 1.0000 over 2 videos" in text and f"clip_iqa_natural: {clip_mean:.4f}" in text
 
 
 def test_encode_prompts_tiny_umt5(tmp_path, capsys):
