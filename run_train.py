@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLoss, RunDirBusy, FloatingPointError, FileNotFoundError, ValueError) as e:
         print(f"run_train: error: {e}", file=sys.stderr)
         return 1
+    if "loss" not in summary:  # no step ran: the run had already reached train.steps
+        print(f"nothing to do: {rc.run.dir} is already at step {summary['step']} (train.steps={rc.train.steps}); "
+              "raise train.steps to train on")
+        return 0
     print(f"finished at step {summary['step']}: " + ", ".join(
         f"{k}={summary[k]:.4g}" for k in ("loss", "margin", "reward_accuracy", "lr") if k in summary))
     return 0

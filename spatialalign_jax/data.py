@@ -205,13 +205,18 @@ class PairSampler:
         with np.errstate(invalid="ignore"):
             winners = int((finite >= self.tau).sum())
         losers = int(use.sum()) - winners
+        if not in_split.any():
+            splits = sorted({str(row.get("split")) for row in st.prompts})
+            return (f"store {st.path}: no prompt is in split {self.split!r}; its prompts are in {splits}. "
+                    "Choose one of those (run_train: data.split; null takes every prompt)")
         split_txt = f"{int(in_split.sum())} in split {self.split!r}" if self.split else "all splits"
         return (
             f"store {st.path}: no prompt has a usable pair for pairing {self.pairing!r} "
             f"(tau_train={self.tau}). Prompts: {P} ({split_txt}), {int((text_len[in_split] > 0).sum())} with text "
             f"embeddings. Samples in those prompts: {int(split_rows.sum())}, {scored} scored, {valid} VALID, "
             f"{int(use.sum())} usable (VALID with latents and text), of which {winners} have DSR >= {self.tau} and "
-            f"{losers} below. Finish scoring the store, lower tau_train, or pick another split/pairing."
+            f"{losers} below. Finish scoring the store, lower tau_train, or pick another split or pairing "
+            "(run_train: data.tau, data.split, loss.kind)."
         )
 
     # -- drawing and reading ----------------------------------------------------------------------

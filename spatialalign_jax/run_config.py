@@ -38,6 +38,7 @@ from .atomic import write_text_atomic
 from .config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
 from .data import TAU_TRAIN
 from .losses import check_kind
+from .store import SPLITS
 from .train_step import StepConfig as _STEP
 
 # The smoke run `python run_train.py` uses when given no config.
@@ -218,6 +219,8 @@ class DataSection:
         if not 0 < self.tau <= 1:
             _fail("data.tau", f"must be in (0, 1], got {self.tau!r}")
         _at_least("data.max_text_len", self.max_text_len, 1)
+        if self.split is not None and self.split not in SPLITS:
+            _fail("data.split", f"must be one of {list(SPLITS)} or null (every prompt), got {self.split!r}")
         if self.synthetic is not None:
             known = _synthetic_store_params()
             unknown = sorted(set(self.synthetic) - set(known))

@@ -133,19 +133,7 @@ def _check_shift(shift: float) -> None:
 
 def check_store_for_model(store: Store, model: Any, todo: Sequence[tuple[int, int, int]], guidance: float) -> None:
     """Refuses, before any sampling, a store the model cannot fill: shapes, text dims, missing embeddings."""
-    cfg = model.config
-    C, F, H, W = store.latent_shape
-    if C != cfg.in_channels or cfg.out_channels != cfg.in_channels:
-        raise SampleError(f"store {store.path} holds {C}-channel latents {list(store.latent_shape)} but the model takes "
-                          f"{cfg.in_channels} channels and predicts {cfg.out_channels}: use the store made for this "
-                          "model (create-store --latent-shape) or the model this store was made for")
-    pt, ph, pw = cfg.patch_size
-    if F % pt or H % ph or W % pw:
-        raise SampleError(f"store {store.path}: latent (frames, height, width) {(F, H, W)} is not a multiple of the "
-                          f"model's patch size {cfg.patch_size}")
-    if store.text_dim != cfg.text_dim:
-        raise SampleError(f"store {store.path} holds {store.text_dim}-d text embeddings; the model's text_dim is "
-                          f"{cfg.text_dim}: encode the prompts with the model's text encoder")
+    store.check_model(model.config)
     lengths = store.read_text_lengths()
     missing = sorted({p for p, _, _ in todo if lengths[p] == 0})
     if missing:

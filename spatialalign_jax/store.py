@@ -388,6 +388,21 @@ class Store:
     def max_text_len(self) -> int:
         return self.meta["max_text_len"]
 
+    def check_model(self, cfg: Any) -> None:
+        """Refuses a model (a `WanConfig`) that cannot read or write this store's latents and text."""
+        C, F, H, W = self.latent_shape
+        if C != cfg.in_channels or cfg.out_channels != cfg.in_channels:
+            raise StoreError(f"store {self.path} holds {C}-channel latents {list(self.latent_shape)} but the model "
+                             f"takes {cfg.in_channels} channels and predicts {cfg.out_channels}: use the store made "
+                             "for this model (create-store --latent-shape) or the model this store was made for")
+        pt, ph, pw = cfg.patch_size
+        if F % pt or H % ph or W % pw:
+            raise StoreError(f"store {self.path}: latent (frames, height, width) {(F, H, W)} is not a multiple of the "
+                             f"model's patch size {tuple(cfg.patch_size)}")
+        if self.text_dim != cfg.text_dim:
+            raise StoreError(f"store {self.path} holds {self.text_dim}-d text embeddings; the model's text_dim is "
+                             f"{cfg.text_dim}: encode the prompts with the model's text encoder")
+
     def prompt_index(self, prompt_id: str) -> int:
         """Row index of ``prompt_id`` in the prompt table."""
         try:

@@ -160,6 +160,7 @@ def _train(rc: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
                           host_index=jax.process_index())
 
     model = build_model(rc, mesh)
+    sampler.store.check_model(model.config)
     step_cfg = rc.step_config()
     optimizer = make_optimizer(step_cfg)
     state = init_train_state(model, optimizer, mesh)
@@ -208,11 +209,12 @@ def _train(rc: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
                     batch = next_batch()  # reading and uploading the next batch overlaps this step
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    last = ckpt.latest_step()
+                    kept = (f"The last good checkpoint (step {last}) is intact in {ckpt.directory}; rerun to resume "
+                            "from it" if last is not None else "No checkpoint was saved yet, so a rerun starts over")
                     raise NonFiniteLoss(
                         f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step + 1}; "
-                        "stopping without saving. The last good "
-                        f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}. Lower optim.lr or "
-                        "set optim.grad_clip, then rerun to resume from it")
+                        f"stopping without saving. {kept}, after lowering optim.lr or setting optim.grad_clip")
                 done = step + 1
                 metrics["step_time"] = time.perf_counter() - t0
                 if done % rc.train.log_every == 0 or done == rc.train.steps:

@@ -217,6 +217,8 @@ def test_bad_stores_give_clear_errors(tmp_path):
     with pytest.raises(StoreError, match=r"4, 4 scored, 3 VALID, 3 usable .*0 have DSR >= 0.7 and 3 below"):
         PairSampler(st, global_batch_size=2, max_text_len=L)
     assert pairs_of(PairSampler(st, global_batch_size=2, tau=0.45, max_text_len=L).table) == {0: [(0, 1)]}
+    with pytest.raises(StoreError, match=r"no prompt is in split 'test'; its prompts are in \['train'\]"):
+        PairSampler(st, global_batch_size=2, split="test", max_text_len=L)
     # a prompt's text is longer than the batch's max_text_len
     st = labelled_store(tmp_path / "long", [[(V, 0.9), (V, 0.1)]] * 3)
     with pytest.raises(StoreError, match="more than max_text_len=2"):

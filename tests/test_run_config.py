@@ -125,6 +125,7 @@ def test_step_config_maps_loss_and_optim():
     ("lora.targets=[]", ["lora.targets", "is empty"]),
     ("lora.rank=0", ["lora.rank", ">= 1"]),
     ("data.tau=1.5", ["data.tau", "(0, 1]"]),
+    ("data.split=eval", ["data.split", "['train', 'test'] or null", "'eval'"]),
     ("data.synthetic.foo=1", ["data.synthetic", "'foo'", "num_prompts"]),
     ("data.synthetic.text_dim=8", ["data.synthetic.text_dim", "text_dim 4096"]),
     ("data.synthetic.latent_shape=5", ["data.synthetic.latent_shape", "a list of whole numbers"]),

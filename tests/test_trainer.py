@@ -169,3 +169,18 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
     assert out.returncode == 1 and "pairs per micro-step" in out.stderr, out.stderr
     _run_train(run, "--set", "train.steps=4")  # more steps, same run: resumes
     assert sorted(_losses(run)) == [1, 2, 3, 4]
+
+
+def test_messages_for_a_finished_run_a_mismatched_model_and_an_early_nan(tmp_path):
+    run = tmp_path / "run"
+    _run_train(run, "--set", "train.steps=2", "--set", "train.checkpoint_every=2")
+    out = _run_train(run, "--set", "train.steps=2")
+    assert "nothing to do" in out.stdout and "already at step 2 (train.steps=2)" in out.stdout, out.stdout
+
+    # The store (64-d text, from the run above) does not fit the model: said before any step is traced.
+    out = _run_train(tmp_path / "other", "--set", "model.config.text_dim=32", "--set", "data.synthetic=null",
+                     check=False)
+    assert out.returncode == 1 and "64-d text embeddings; the model's text_dim is 32" in out.stderr, out.stderr
+
+    out = _run_train(tmp_path / "nan", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0", check=False)
+    assert out.returncode == 1 and "No checkpoint was saved yet, so a rerun starts over" in out.stderr, out.stderr
