@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from scoring.evaluate import EvaluationError
+from scoring.loading import ModelFolderError
 from scoring.prompts import PromptTableError, load_prompt_csv
 from scoring.run import ScoringAborted
 from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, shard_arg
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (CliError, StoreError, PromptTableError, EvaluationError, FileNotFoundError) as e:
+    except (CliError, StoreError, PromptTableError, EvaluationError, ModelFolderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ScoringAborted as e:

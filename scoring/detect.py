@@ -23,7 +23,7 @@ from typing import NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
-from scoring.loading import load_pretrained
+from scoring.loading import load_pretrained, load_processor
 
 BOX_THRESHOLD = 0.4
 TEXT_THRESHOLD = 0.3
@@ -92,9 +92,9 @@ class GroundingDinoDetector:
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         self.model, self.device, self.dtype = load_pretrained(
-            AutoModelForZeroShotObjectDetection, model_dir, "Grounding DINO", device, dtype
+            AutoModelForZeroShotObjectDetection, model_dir, "Grounding DINO", device, dtype, expect=("grounding-dino",)
         )
-        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.processor = load_processor(AutoProcessor, model_dir, "Grounding DINO")
 
     def canonical_label(self, name: str) -> str:
         """``name`` as it comes back from the tokenizer: the form Grounding DINO's labels take."""

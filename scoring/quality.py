@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from scoring.detect import check_frames
-from scoring.loading import load_pretrained
+from scoring.loading import load_pretrained, load_processor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +93,8 @@ class IdConsistency:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.model, self.device, self.dtype = load_pretrained(AutoModel, model_dir, "DINOv2", device, dtype)
+        self.model, self.device, self.dtype = load_pretrained(
+            AutoModel, model_dir, "DINOv2", device, dtype, expect=("dinov2", "dinov2_with_registers"))
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -152,8 +153,9 @@ class ClipIqa:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.native_resolution = native_resolution
-        self.model, self.device, self.dtype = load_pretrained(CLIPModel, model_dir, "CLIP", device, dtype)
-        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.model, self.device, self.dtype = load_pretrained(CLIPModel, model_dir, "CLIP", device, dtype,
+                                                                  expect=("clip",))
+        self.processor = load_processor(AutoProcessor, model_dir, "CLIP")
         with torch.inference_mode():
             text = self.processor.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
             anchors = self._embedding(self.model.get_text_features(**text)).float()

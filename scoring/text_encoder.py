@@ -15,9 +15,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from scoring.loading import load_pretrained
+from scoring.loading import load_pretrained, load_processor
 
 MAX_SEQUENCE_LENGTH = 512
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name))
+               for name in ("tokenizer_config.json", "tokenizer.json", "spiece.model"))
 
 
 class UMT5TextEncoder:
@@ -41,16 +46,19 @@ class UMT5TextEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         root = os.fspath(model_dir)
-        if os.path.isdir(os.path.join(root, "text_encoder")):
+        if os.path.isdir(os.path.join(root, "text_encoder")):  # the pipeline folder
             encoder_dir, tokenizer_dir = os.path.join(root, "text_encoder"), os.path.join(root, "tokenizer")
         else:
             encoder_dir = tokenizer_dir = root
+            sibling = os.path.join(os.path.dirname(os.path.abspath(root)), "tokenizer")
+            if not _has_tokenizer(root) and os.path.isdir(sibling):  # the pipeline's text_encoder/ itself
+                tokenizer_dir = sibling
         self.batch_size = batch_size
         self.max_sequence_length = max_sequence_length
         self.model, self.device, self.dtype = load_pretrained(
-            UMT5EncoderModel, encoder_dir, "umT5 text encoder", device, dtype
+            UMT5EncoderModel, encoder_dir, "umT5 text encoder", device, dtype, expect=("umt5",)
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.tokenizer = load_processor(AutoTokenizer, tokenizer_dir, "umT5 tokenizer")
 
     @property
     def dim(self) -> int:

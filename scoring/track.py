@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scoring.detect import check_frames
-from scoring.loading import device_and_dtype, load_pretrained
+from scoring.loading import device_and_dtype, load_pretrained, load_processor
 
 BACKENDS = ("transformers", "sam2")
 
@@ -117,9 +117,9 @@ class TransformersSam2Tracker(_Sam2Tracker):
         from transformers import Sam2VideoModel, Sam2VideoProcessor
 
         self.model, self.device, self.dtype = load_pretrained(
-            Sam2VideoModel, model_dir, "SAM 2 video", device, dtype
+            Sam2VideoModel, model_dir, "SAM 2 video", device, dtype, expect=("sam2_video",)
         )
-        self.processor = Sam2VideoProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.processor = load_processor(Sam2VideoProcessor, model_dir, "SAM 2 video")
 
     def _propagate(
         self, frames: np.ndarray, start_frame: int, seeds: np.ndarray

@@ -42,7 +42,8 @@ class WanVaeDecoder:
         root = os.fspath(model_dir)
         folder = os.path.join(root, "vae") if os.path.isdir(os.path.join(root, "vae")) else root
         self.batch_size = batch_size
-        self.vae, self.device, self.dtype = load_pretrained(AutoencoderKLWan, folder, "Wan VAE", device, dtype)
+        self.vae, self.device, self.dtype = load_pretrained(AutoencoderKLWan, folder, "Wan VAE", device, dtype,
+                                                                 expect=("AutoencoderKLWan",))
         if tiling:
             self.vae.enable_tiling()
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)

@@ -94,3 +94,19 @@ def test_bad_frames_are_rejected(gdino_dir):
     detector = GroundingDinoDetector(gdino_dir, device="cpu")
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\) uint8"):
         detector.detect(np.zeros((2, 100, 100), dtype=np.uint8), "dog", "chair")
+
+
+def test_a_folder_of_another_model_or_without_its_processor_is_refused(gdino_dir, tmp_path):
+    """A transformers folder of another architecture would load with random weights and only a warning."""
+    import shutil
+
+    from scoring.loading import ModelFolderError
+    from scoring.text_encoder import UMT5TextEncoder
+
+    with pytest.raises(ModelFolderError, match="holds a 'grounding-dino' model, not 'umt5'"):
+        UMT5TextEncoder(gdino_dir, device="cpu")
+    bare = tmp_path / "bare"
+    shutil.copytree(gdino_dir, bare)
+    (bare / "processor_config.json").unlink()
+    with pytest.raises(ModelFolderError, match="Grounding DINO: cannot load its preprocessing files"):
+        GroundingDinoDetector(bare, device="cpu")

@@ -70,5 +70,8 @@ def test_wan_checkpoint_layout_and_errors(tmp_path):
     np.testing.assert_allclose(rows, ref[0, : len(rows)], atol=1e-6, rtol=0)
     with pytest.raises(FileNotFoundError, match="no_umt5_here"):
         UMT5TextEncoder(tmp_path / "no_umt5_here", device="cpu")
+    # The pipeline's text_encoder/ folder itself: its tokenizer is the sibling tokenizer/ folder.
+    direct = UMT5TextEncoder(root / "text_encoder", device="cpu").encode(PROMPTS[:1])[0]
+    np.testing.assert_array_equal(direct, rows)
     with pytest.raises(TypeError, match="list of prompts"):
         encoder.encode("a dog")
