@@ -87,6 +87,11 @@ def _unwrap_pickle(obj: Any, path: Path) -> dict[str, Any]:
     return dict(obj)
 
 
+def _corrupt(path: Path, err: BaseException) -> ValueError:
+    return ValueError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); the file is truncated or "
+                      "corrupt (an interrupted download?): download or save it again")
+
+
 def load_state_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Loads one weights file into numpy arrays; returns (state dict, safetensors metadata or {})."""
     path = Path(path)
@@ -94,23 +99,34 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="np") as f:
-            keys, metadata = list(f.keys()), dict(f.metadata() or {})
-            fp8 = {k for k in keys if f.get_slice(k).get_dtype().startswith("F8")}
-            sd = {k: f.get_tensor(k) for k in keys if k not in fp8}
-        if fp8:
-            # numpy has no float8 types: read those through torch and upcast, as for .pth files.
-            with safe_open(str(path), framework="pt") as f:
-                sd.update({k: _torch_to_numpy(f.get_tensor(k)) for k in fp8})
-            log.info("%s: %d float8 tensors upcast to float32", path, len(fp8))
+        try:
+            with safe_open(str(path), framework="np") as f:
+                keys, metadata = list(f.keys()), dict(f.metadata() or {})
+                fp8 = {k for k in keys if f.get_slice(k).get_dtype().startswith("F8")}
+                sd = {k: f.get_tensor(k) for k in keys if k not in fp8}
+            if fp8:
+                # numpy has no float8 types: read those through torch and upcast, as for .pth files.
+                with safe_open(str(path), framework="pt") as f:
+                    sd.update({k: _torch_to_numpy(f.get_tensor(k)) for k in fp8})
+                log.info("%s: %d float8 tensors upcast to float32", path, len(fp8))
+        except SafetensorError as e:
+            raise _corrupt(path, e) from None
         return {k: sd[k] for k in keys}, metadata
     if suffix in PICKLE_SUFFIXES:
+        import pickle
+
         import torch
 
-        # weights_only: a checkpoint is data, never code to run.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            # weights_only: a checkpoint is data, never code to run.
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({e}); a weights file holds "
+                             "tensors only, and this one holds other objects: save its state dict alone") from None
+        except (RuntimeError, EOFError) as e:
+            raise _corrupt(path, e) from None
         return {k: _torch_to_numpy(v) for k, v in _unwrap_pickle(obj, path).items()}, {}
     raise ValueError(
         f"{path}: unsupported weights file type {suffix!r}; expected one of "

@@ -60,11 +60,21 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def _what_to_pass_instead(path: Path) -> str:
+    """A training run's folder, or one of its Orbax step folders, is a common mix-up: name its LoRA export."""
+    for run, step in ((path, None), (path.parent.parent, path.name)):
+        exports = sorted(p for p in (run / "lora").glob("step_*") if is_checkpoint(p))
+        if (run / "config.yaml").is_file() and exports:
+            same_step = [p for p in exports if step and step.isdigit() and p.name == f"step_{int(step):07d}"]
+            return f"a training run's folder: pass one of its LoRA exports, such as {str((same_step or exports)[-1])!r}"
+    return "convert with `python -m converters.to_flax --src ... --dst ...`"
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a converted checkpoint: {META_FILE} is missing "
-                                "(convert with `python -m converters.to_flax --src ... --dst ...`)")
+                                f"({_what_to_pass_instead(Path(path))})")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "

@@ -182,6 +182,12 @@ def _array_specs(meta: Mapping[str, Any]) -> dict[str, _ArraySpec]:
     }
 
 
+# What create_store writes before store.json: one of them in a folder without store.json is a stopped create.
+_CREATED_BEFORE_STORE_JSON = frozenset(_array_specs(
+    {"num_prompts": 1, "samples_per_prompt": 1, "max_text_len": 1, "text_dim": 1, "num_frames": 1,
+     "latent_shape": [1, 1, 1, 1], "text_dtype": "float32"})) | {PROMPTS_JSON, "zarr.json"}
+
+
 def _kvstore(path: Path) -> dict[str, Any]:
     return {"driver": "file", "path": str(path.resolve()) + "/"}
 
@@ -309,12 +315,15 @@ class Store:
         path = Path(path)
         meta_path = path / STORE_JSON
         if not meta_path.is_file():
-            partial = path.is_dir() and any(path.iterdir())
-            raise StoreError(
-                f"{path} is not a store: {meta_path} is missing ("
-                + ("a create that was stopped before it finished: delete the folder and create it again"
-                   if partial else "create one with create_store or `python -m scoring create-store`") + ")"
-            )
+            entries = {p.name for p in path.iterdir()} if path.is_dir() else set()
+            if entries & _CREATED_BEFORE_STORE_JSON:
+                hint = "a create that was stopped before it finished: delete the folder and create it again"
+            elif any((path / name / STORE_JSON).is_file() for name in entries):
+                stores = sorted(name for name in entries if (path / name / STORE_JSON).is_file())
+                hint = f"its subfolders {stores[:5]} are stores: name one of them"
+            else:
+                hint = "create one with create_store or `python -m scoring create-store`"
+            raise StoreError(f"{path} is not a store: {meta_path} is missing ({hint})")
         meta = _read_json(meta_path)
         version = meta.get("layout_version")
         if version != LAYOUT_VERSION:

@@ -292,6 +292,16 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     save_file({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bare.safetensors")
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "bare.safetensors")], "cannot infer", "config.json")
 
+    # An interrupted download: the weights file cut short, a LoRA file of junk.
+    _write_folder(tmp_path / "trunc", sd)
+    weights = next((tmp_path / "trunc").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:2000])
+    _fails(capsys, tmp_path, ["--src", str(tmp_path / "trunc")], weights.name, "truncated or corrupt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "junk.safetensors")], "truncated or corrupt")
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
+    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "junk.pt")], "truncated or corrupt")
+
     model = tiny_transformer()
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     shard = sorted((tmp_path / "sharded").glob("*-of-*.safetensors"))[-1]

@@ -160,6 +160,14 @@ def test_open_validation(tmp_path):
     meta_path.unlink()
     with pytest.raises(StoreError, match="a create that was stopped"):
         Store.open(tmp_path / "s")
+    # The folder above a store, or an unrelated one, is not called a stopped create (to be deleted).
+    with pytest.raises(StoreError, match=r"its subfolders \['s2x'\] are stores: name one of them"):
+        _create(tmp_path / "parent" / "s2x")
+        Store.open(tmp_path / "parent")
+    (tmp_path / "unrelated").mkdir()
+    (tmp_path / "unrelated" / "notes.txt").write_text("")
+    with pytest.raises(StoreError, match=r"missing \(create one with"):
+        Store.open(tmp_path / "unrelated")
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "s" / "prompts.json").write_text("[{")
     with pytest.raises(StoreError, match="prompts.json is not valid JSON"):

@@ -171,11 +171,18 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
     assert sorted(_losses(run)) == [1, 2, 3, 4]
 
 
-def test_messages_for_a_finished_run_a_mismatched_model_and_an_early_nan(tmp_path):
+def test_messages_for_a_finished_run_a_mismatched_model_and_an_early_nan(tmp_path, capsys):
+    from converters import to_diffusers
+
     run = tmp_path / "run"
     _run_train(run, "--set", "train.steps=2", "--set", "train.checkpoint_every=2")
     out = _run_train(run, "--set", "train.steps=2")
     assert "nothing to do" in out.stdout and "already at step 2 (train.steps=2)" in out.stdout, out.stdout
+
+    # Exporting from the run folder or its Orbax step folder names the LoRA export to pass instead.
+    for src in (run, run / "checkpoints" / "2"):
+        assert to_diffusers.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 1
+        assert f"pass one of its LoRA exports, such as {str(run / 'lora' / 'step_0000002')!r}" in capsys.readouterr().err
 
     # The store (64-d text, from the run above) does not fit the model: said before any step is traced.
     out = _run_train(tmp_path / "other", "--set", "model.config.text_dim=32", "--set", "data.synthetic=null",
