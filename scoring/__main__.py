@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -26,14 +27,13 @@ from scoring.evaluate import EvaluationError
 from scoring.loading import ModelFolderError
 from scoring.prompts import PromptTableError, load_prompt_csv
 from scoring.run import ScoringAborted
-from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, shard_arg
+from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, decoded_frames, shard_arg
 
 log = logging.getLogger("scoring")
 
 NEGATIVE_PROMPT_FILE = Path(__file__).with_name("negative_prompt.txt")
 # Wan2.1 at 81 x 480 x 832: latents (16, 21, 60, 104), 81 decoded frames, umT5-XXL width.
 WAN_LATENT_SHAPE = (16, 21, 60, 104)
-WAN_NUM_FRAMES = 81
 SAMPLES_PER_PROMPT = {"train": 10, "test": 5}  # SPEC section 2
 
 
@@ -49,6 +49,12 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,21,60,104, got {text!r}") from None
+
+
+def _device_arg(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -142,9 +148,13 @@ def _load_prompts(args: argparse.Namespace) -> list[dict[str, str]]:
 def _create_from_args(args: argparse.Namespace, text_dim: int) -> Store:
     prompts = _load_prompts(args)
     samples = args.samples_per_prompt or SAMPLES_PER_PROMPT[args.split or "test"]
+    decoded = decoded_frames(args.latent_shape[1])
+    if args.num_frames is not None and args.num_frames != decoded:
+        log.warning("--num-frames %d: the Wan VAE decodes %d latent frames to %d; scoring will refuse other counts",
+                    args.num_frames, args.latent_shape[1], decoded)
     store = create_store(
         args.store, prompts, samples_per_prompt=samples, latent_shape=args.latent_shape,
-        num_frames=args.num_frames, text_dim=text_dim, max_text_len=args.max_text_len, text_dtype=args.text_dtype,
+        num_frames=args.num_frames or decoded, text_dim=text_dim, max_text_len=args.max_text_len, text_dtype=args.text_dtype,
     )
     print(f"created {store!r}")
     return store
@@ -215,6 +225,17 @@ def _check_score_models(args: argparse.Namespace) -> None:
     _check_model_path(args.tracker, "--tracker", file_ok=args.tracker_backend == "sam2")
 
 
+def _check_video_folder(videos: str) -> None:
+    """Before the models load: the folder exists and holds videos under the names the scorer reads."""
+    folder = Path(videos)
+    if not folder.is_dir():
+        raise CliError(f"--videos {videos!r} is not a folder")
+    if not any(folder.glob("*.mp4")):
+        others = sorted({p.suffix for p in folder.iterdir() if p.is_file()} - {""})
+        raise CliError(f"--videos {videos!r} holds no *.mp4 files (named {{prompt_id}}_{{seed}}.mp4)"
+                       + (f"; it holds {others} files (the suffix must be lower-case .mp4)" if others else ""))
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from scoring.run import score_store, score_video_dir
     shard = args.shard
@@ -233,6 +254,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.csv is None or args.out is None:
             raise CliError("score --videos needs --csv (the prompt table) and --out (the results folder)")
         prompts = _load_prompts(args)
+        _check_video_folder(args.videos)
         _check_score_models(args)
         device, dtype = _device_and_dtype(args)
         detector, tracker = _load_detector_tracker(args, device, dtype)
@@ -255,6 +277,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_model_path(args.clip, "--clip")
     want_quality = bool(args.dinov2 or args.clip)
     notes: dict[str, Any] = {}
+    if args.mp4_dir and not Path(args.mp4_dir).is_dir():
+        raise CliError(f"--mp4-dir {args.mp4_dir!r} does not exist: write the decoded videos there with "
+                       "`score --mp4-dir` first, or pass --vae to decode them again")
     if args.store:
         store = Store.open(args.store)
         frames_for = None
@@ -309,7 +334,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--half", action="store_true", help="half-precision weights and activations on CUDA (bfloat16, or float16 on cards without it)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="frames (detector) or prompts (encoder) per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -323,9 +348,10 @@ def _add_csv(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _add_create(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples-per-prompt", type=int, default=None, help="default 10 for train, 5 for test")
+    p.add_argument("--samples-per-prompt", type=_positive_int, default=None, help="default 10 for train, 5 for test")
     p.add_argument("--latent-shape", type=_int_tuple, default=WAN_LATENT_SHAPE, help="C,F,H,W (default Wan 480x832x81)")
-    p.add_argument("--num-frames", type=int, default=WAN_NUM_FRAMES, help="decoded frames per video")
+    p.add_argument("--num-frames", type=_positive_int, default=None,
+                   help="decoded frames per video (default: what the Wan VAE decodes F latent frames to, 4(F-1)+1)")
     p.add_argument("--max-text-len", type=int, default=512)
     p.add_argument("--text-dtype", choices=TEXT_DTYPES, default="float32")
 
@@ -393,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_folders(args: argparse.Namespace) -> None:
+    """Folders the command writes must not be files (or lie under one): said before any model loads."""
+    flags = ["out", "mp4_dir", "plots"] + (["store"] if args.command == "create-store" else [])
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        path = Path(value)
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            option = "--" + flag.replace("_", "-")
+            raise CliError(f"{option} {value!r} must be a folder, but {str(blocking)!r} is a file")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate" and args.store is None and args.split is None:
@@ -400,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_output_folders(args)
         return args.func(args)
     except (CliError, StoreError, PromptTableError, EvaluationError, ModelFolderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import numpy as np
 
 from . import schedule
 from .atomic import write_text_atomic
+from .attention import IMPLEMENTATIONS
 from .sampler import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, NOISE_SOURCES, SOLVERS, check_seeds,
                       pad_text, sample)
 from .store import SPLITS, Store, StoreError, shard_arg
@@ -109,6 +111,10 @@ def plan_work(store: Store, *, slots: int | None = None, seeds: Sequence[int] | 
         raise SampleError(f"--samples-per-prompt {n_slots}: store {store.path} has {S} sample slots per prompt")
     if split is not None and split not in SPLITS:
         raise SampleError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    splits = {row.get("split") for row in store.prompts}
+    if split is not None and split not in splits:
+        raise SampleError(f"--split {split!r}: store {store.path} has no prompt of that split (its prompts are "
+                          f"in {sorted(map(str, splits))}); pass one of those")
     i, n = shard
     done = store.read_seeds()
     summary = SampleSummary()
@@ -244,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=1, help="samples per sampler call (a multiple of the mesh size)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--param-dtype", default=None, choices=("bfloat16", "float32"), help="weights (default: --dtype)")
-    ap.add_argument("--attention", default="auto", help="attention implementation of the model (default auto)")
+    ap.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                    help="attention implementation of the model (default auto)")
     ap.add_argument("--use-lora", action="store_true", help="sample with the LoRA the checkpoint carries")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -260,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1 or args.batch < 1:
             raise SampleError(f"--steps ({args.steps}) and --batch ({args.batch}) must be >= 1")
         _check_shift(args.shift)  # before the model load
+        if not math.isfinite(args.guidance):
+            raise SampleError(f"--guidance must be a finite number, got {args.guidance}")
         store = Store.open(args.store, mode="r+")
         # Validate the cheap things before the expensive model load.
         todo, _ = plan_work(store, slots=args.samples_per_prompt, seeds=args.seeds, base_seed=args.base_seed,

@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from . import schedule
 from .model import WanTransformer3DModel
 from .sharding import batch_sharding, replicated
+from .store import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
 
 SOLVERS = ("unipc", "euler")
 # Where a seed's initial noise comes from: JAX's generator, or torch's as WanPipeline draws it.
@@ -49,9 +50,6 @@ NOISE_SOURCES = ("jax", "torch")
 DEFAULT_SOLVER = "unipc"
 DEFAULT_STEPS = 50  # SPEC section 6
 DEFAULT_GUIDANCE = 5.0
-# The Wan VAE's compression (its config's scale_factor_temporal / scale_factor_spatial).
-VAE_SCALE_TEMPORAL = 4
-VAE_SCALE_SPATIAL = 8
 # Seeds are kept below 2**31 so they mean the same thing as int32, uint32, int64 or a torch seed.
 MAX_SEED = 2**31 - 1
 

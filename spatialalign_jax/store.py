@@ -55,6 +55,17 @@ LAYOUT_VERSION = 1
 STORE_JSON = "store.json"
 PROMPTS_JSON = "prompts.json"
 
+# The Wan VAE's compression, which relates a store's latent_shape to its decoded num_frames (its config's
+# scale_factor_temporal / scale_factor_spatial): the first frame alone, then 4 frames per latent frame.
+VAE_SCALE_TEMPORAL = 4
+VAE_SCALE_SPATIAL = 8
+
+
+def decoded_frames(latent_frames: int) -> int:
+    """Frames the Wan VAE decodes ``latent_frames`` latent frames to: 21 -> 81."""
+    return (latent_frames - 1) * VAE_SCALE_TEMPORAL + 1
+
+
 # The prompt-table columns of SPEC section 2, plus the split; "group" is optional.
 PROMPT_COLUMNS = ("type", "prompt_id", "scene", "initial_SR", "final_SR", "animal", "object", "prompt")
 OPTIONAL_PROMPT_COLUMNS = ("group",)

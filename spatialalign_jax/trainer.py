@@ -140,6 +140,9 @@ def _lock_run_dir(run_dir: Path):
 def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the configured training; returns a summary of the last step."""
     run_dir = Path(rc.run.dir)
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"run.dir {str(run_dir)!r} must be a folder, but {str(blocking)!r} is a file")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir) if jax.process_index() == 0 else None
     try:

@@ -281,6 +281,10 @@ def test_cli_bad_inputs(tmp_path, model_dir, capsys):
     assert "--mesh 'data=3'" in error_of(tmp_path / "text", "--mesh", "data=3")
     assert "--steps (0)" in error_of(tmp_path / "text", "--steps", "0")
     assert "--shift must be > 0" in error_of(tmp_path / "text", "--shift", "0")
+    assert "--guidance must be a finite number" in error_of(tmp_path / "text", "--guidance", "nan")
+    _store(tmp_path / "train_only", num_prompts=2)
+    assert "has no prompt of that split (its prompts are in ['train'])" in error_of(tmp_path / "train_only", "--split",
+                                                                                    "test")
     assert "is not a store" in error_of(tmp_path / "missing")
     assert main(["--model", str(tmp_path / "nope"), "--store", str(tmp_path / "text")]) == 2
     err = capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from scoring.__main__ import main
+from scoring.prompts import load_prompt_csv
 from scoring.run import score_store, score_video_dir
 from scoring.video import write_video
 from scoring_fakes import ColorDetector, ColorTracker, FakeDecoder, fake_latents, render, trajectory
@@ -42,10 +43,11 @@ def _rows(types):
 def test_create_store_from_published_csvs(tmp_path, name, n, has_group):
     csv = REF / name
     rc = main(["create-store", "--store", str(tmp_path / "s"), "--csv", str(csv), "--latent-shape", "4,3,4,4",
-               "--num-frames", "9", "--text-dim", "8", "--max-text-len", "16"])
+               "--text-dim", "8", "--max-text-len", "16"])
     assert rc == 0
     st = Store.open(tmp_path / "s")
     assert st.num_prompts == n and st.samples_per_prompt == 5 and st.latent_shape == (4, 3, 4, 4)
+    assert st.num_frames == 9  # what the Wan VAE decodes 3 latent frames to
     assert {r["type"] for r in st.prompts} == {"LR", "RL", "LT", "TL", "RT", "TR"}
     assert all(r["split"] == "test" for r in st.prompts)
     assert ("group" in st.prompts[0]) == has_group
@@ -64,6 +66,16 @@ def test_bad_csv_is_a_clear_error(tmp_path, capsys):
     bad.write_text("type,prompt_id,prompt\nLR,a,b\n")
     assert main(["create-store", "--store", str(tmp_path / "s"), "--csv", str(bad), "--text-dim", "8"]) == 2
     assert "lacks column(s) ['scene', 'initial_SR', 'final_SR', 'animal', 'object']" in capsys.readouterr().err
+    rows = _rows(["LR", "RL"])
+    rows[0]["prompt"] = "Un chat café,\nthen a cat moves."  # a quoted line break inside a field
+    good = _write_csv(tmp_path / "good.csv", rows)
+    latin1 = tmp_path / "latin1.csv"  # Excel's default "CSV" on many systems
+    latin1.write_bytes(good.read_text(encoding="utf-8").encode("latin-1"))
+    assert main(["create-store", "--store", str(tmp_path / "s"), "--csv", str(latin1), "--text-dim", "8"]) == 2
+    assert "latin1.csv' is not UTF-8 text" in capsys.readouterr().err
+    crlf = tmp_path / "crlf.csv"  # Windows line ends; the quoted field keeps its own line break
+    crlf.write_bytes(good.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    assert [r["prompt"] for r in load_prompt_csv(crlf)] == [r["prompt"].replace("\n", "\r\n") for r in rows]
 
 
 def test_absent_model_folder_fails_fast(tmp_path, capsys):
@@ -72,6 +84,7 @@ def test_absent_model_folder_fails_fast(tmp_path, capsys):
                       latent_shape=(1, T, 3, 4), num_frames=T, text_dim=4)
     vids = tmp_path / "v"
     vids.mkdir()
+    (vids / "0_LR_0.mp4").write_bytes(b"")
     missing = str(tmp_path / "no_such_model")
     cases = [
         ["score", "--store", str(st.path), "--vae", missing, "--detector", missing, "--tracker", missing],
@@ -132,7 +145,9 @@ def test_cli_usage_errors(tmp_path, capsys):
                       latent_shape=(1, T, 3, 4), num_frames=T, text_dim=4)
     for argv, message in [(["score", "--store", str(st.path), "--shard", "4/4"], "0 <= i < n"),
                           (["score", "--store", str(st.path), "--shard", "0-4"], "i/n"),
-                          (["score", "--store", str(st.path), "--batch-size", "0"], "whole number >= 1")]:
+                          (["score", "--store", str(st.path), "--batch-size", "0"], "whole number >= 1"),
+                          (["create-store", "--store", str(tmp_path / "n"), "--samples-per-prompt", "0"],
+                           "whole number >= 1")]:
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err, argv
@@ -142,6 +157,27 @@ def test_cli_usage_errors(tmp_path, capsys):
     vids.mkdir()
     assert main(["evaluate", "--videos", str(vids), "--csv", str(csv), "--out", str(tmp_path / "r")]) == 2
     assert "{prompt_id}_{seed}.mp4" in capsys.readouterr().err
+    # Nothing scored yet: an error, not a 0% headline.
+    assert main(["evaluate", "--store", str(st.path), "--out", str(tmp_path / "r")]) == 2
+    assert "none of the 1 samples is scored yet" in capsys.readouterr().err
+    # Folders that are files, a missing --mp4-dir, a device torch does not know: said before any work.
+    (tmp_path / "afile").write_text("")
+    for argv, message in [(["evaluate", "--store", str(st.path), "--out", str(tmp_path / "afile" / "r")],
+                           "--out '%s' must be a folder, but '%s' is a file" % (tmp_path / "afile" / "r", tmp_path / "afile")),
+                          (["create-store", "--store", str(tmp_path / "afile"), "--csv", str(csv), "--text-dim", "4"],
+                           "--store '%s' must be a folder" % (tmp_path / "afile")),
+                          (["evaluate", "--store", str(st.path), "--out", str(tmp_path / "r"), "--mp4-dir",
+                            str(tmp_path / "nomp4"), "--clip", str(tmp_path)], "--mp4-dir '%s' does not exist" % (tmp_path / "nomp4"))]:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "upper" / "0_LR_0.MP4").write_bytes(b"")
+    assert main(["score", "--videos", str(tmp_path / "upper"), "--csv", str(csv), "--out", str(tmp_path / "o"),
+                 "--detector", "d", "--tracker", "t"]) == 2
+    assert "holds no *.mp4 files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", "--store", str(st.path), "--device", "gpu"])
+    assert "'gpu': expected cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_evaluate_video_folder_with_fake_quality(tmp_path, capsys):

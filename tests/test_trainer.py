@@ -189,5 +189,9 @@ def test_messages_for_a_finished_run_a_mismatched_model_and_an_early_nan(tmp_pat
                      check=False)
     assert out.returncode == 1 and "64-d text embeddings; the model's text_dim is 32" in out.stderr, out.stderr
 
+    (tmp_path / "afile").write_text("")
+    out = _run_train(tmp_path / "afile" / "run", check=False)
+    assert out.returncode == 1 and "is a file" in out.stderr, out.stderr
+
     out = _run_train(tmp_path / "nan", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0", check=False)
     assert out.returncode == 1 and "No checkpoint was saved yet, so a rerun starts over" in out.stderr, out.stderr
