@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -209,13 +210,21 @@ def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     return dst
 
 
+def _shard_size(text: str) -> str:
+    """A size as huggingface_hub's shard splitter reads it (a number and KB/MB/GB/TB), checked at parse time."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number and a unit, such as 5GB or 500MB")
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converters.to_diffusers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="converted checkpoint folder (from converters.to_flax or training)")
     p.add_argument("--dst", required=True, help="LoRA .safetensors path or folder; with --merge, a model folder")
     p.add_argument("--merge", action="store_true", help="write a full WanTransformer3DModel with the LoRA folded in")
-    p.add_argument("--max-shard-size", default="10GB", help="with --merge: largest safetensors shard (default 10GB)")
+    p.add_argument("--max-shard-size", type=_shard_size, default="10GB",
+                   help="with --merge: largest safetensors shard, e.g. 5GB (units KB, MB, GB, TB; default 10GB)")
     p.add_argument("--base", help="with --merge: the base model to fold a LoRA-only checkpoint into (default: the "
                                   "base path a training run recorded in it)")
     p.add_argument("--fold-alpha", action="store_true",

@@ -5,13 +5,15 @@
 
 SRC: a diffusers transformer folder (or a pipeline folder with transformer/), or an original Wan
 checkpoint (folder with config.json, or a single .safetensors/.pth/.ckpt file). LORA: a LoRA file in
-the diffusers/PEFT or original/DiffSynth layout. DST is written atomically.
+the diffusers/PEFT, DiffSynth, original/kohya or musubi-tuner (lora_unet_*) layout. DST is written
+atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -117,13 +119,23 @@ def convert(
     return dst
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converters.to_flax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="diffusers transformer folder or original Wan checkpoint")
     p.add_argument("--dst", required=True, help="output Orbax checkpoint folder")
     p.add_argument("--lora", help="LoRA file (.safetensors/.pth/.ckpt) or folder holding one")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, overriding what the file carries")
+    p.add_argument("--lora-alpha", type=_positive_float, help="LoRA alpha, overriding what the file carries")
     p.add_argument("--dtype", choices=DTYPES, help="base parameter dtype (default: as stored in SRC)")
     p.add_argument("--config", help="config.json (diffusers or original layout) for a SRC without one")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

@@ -73,7 +73,9 @@ def _check_model_path(path: str | None, flag: str, *, file_ok: bool = False) -> 
         return
     p = Path(path)
     if not (p.is_dir() or (file_ok and p.is_file())):
-        raise CliError(f"{flag}: model folder {str(p)!r} does not exist (give a local Hugging Face format folder)")
+        what = "checkpoint file (.pt) or model folder" if file_ok else "model folder"
+        raise CliError(f"{flag}: {what} {str(p)!r} does not exist (give a local Hugging Face format folder"
+                       + (", or with --tracker-backend sam2 the package's checkpoint file)" if file_ok else ")"))
 
 
 def _device_and_dtype(args: argparse.Namespace):

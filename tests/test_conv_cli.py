@@ -327,6 +327,11 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     assert to_flax.main(["--src", base, "--dst", str(tmp_path / "dst")]) == 1
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "dst").is_dir()
     (tmp_path / "dst").rmdir()
+    for cli, argv, message in [(to_flax, ["--lora-alpha", "-4"], "expected a number > 0"),
+                               (to_diffusers, ["--merge", "--max-shard-size", "10XB"], "such as 5GB")]:
+        with pytest.raises(SystemExit):
+            cli.main(["--src", base, "--dst", str(tmp_path / "x"), *argv])
+        assert message in capsys.readouterr().err
     (tmp_path / "afile").write_text("")
     assert to_flax.main(["--src", base, "--dst", str(tmp_path / "afile" / "ck")]) == 1
     assert "is a file" in capsys.readouterr().err
