@@ -123,9 +123,11 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
             # weights_only: a checkpoint is data, never code to run.
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # not a pickle at all: an LFS pointer, an HTML page, noise
+                raise _corrupt(path, e) from None
             raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({e}); a weights file holds "
                              "tensors only, and this one holds other objects: save its state dict alone") from None
-        except (RuntimeError, EOFError) as e:
+        except (RuntimeError, EOFError, IndexError, KeyError, ValueError) as e:
             raise _corrupt(path, e) from None
         return {k: _torch_to_numpy(v) for k, v in _unwrap_pickle(obj, path).items()}, {}
     raise ValueError(
@@ -287,16 +289,15 @@ def read_lora(path: str | os.PathLike, *, alpha: float | None = None) -> layouts
 
 
 def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuses an existing destination unless `overwrite`, and creates its parent folders; done before
-    any work."""
+    """Refuses an existing destination unless `overwrite`, and one under a file; done before any work.
+    Missing parent folders are fine: the atomic write creates them."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"destination {str(dst)!r} already exists; pass --overwrite to replace it")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise FileExistsError(f"the destination's parent {str(dst.parent)!r} (or a folder above it) is a file; "
-                                 "choose another --dst") from None
+    blocking = next((p for p in dst.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise FileExistsError(f"destination {str(dst)!r} lies under {str(blocking)!r}, which is a file; "
+                              "choose another --dst")
     return dst
 
 

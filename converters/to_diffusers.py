@@ -212,7 +212,7 @@ def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
 
 def _shard_size(text: str) -> str:
     """A size as huggingface_hub's shard splitter reads it (a number and KB/MB/GB/TB), checked at parse time."""
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
+    if not re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number and a unit, such as 5GB or 500MB")
     return text.strip()
 

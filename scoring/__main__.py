@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -49,12 +48,6 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,21,60,104, got {text!r}") from None
-
-
-def _device_arg(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
-    return text
 
 
 def _positive_int(text: str) -> int:
@@ -91,6 +84,10 @@ def _decide_device_and_dtype(args: argparse.Namespace):
     from scoring.loading import half_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r}: expected cpu, cuda or cuda:N (or another torch device type)") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available on this machine")
     dtype = torch.float32
@@ -150,10 +147,12 @@ def _load_prompts(args: argparse.Namespace) -> list[dict[str, str]]:
 def _create_from_args(args: argparse.Namespace, text_dim: int) -> Store:
     prompts = _load_prompts(args)
     samples = args.samples_per_prompt or SAMPLES_PER_PROMPT[args.split or "test"]
+    if len(args.latent_shape) != 4:
+        raise CliError(f"--latent-shape must be 4 numbers C,F,H,W (e.g. 16,21,60,104), got {args.latent_shape}")
     decoded = decoded_frames(args.latent_shape[1])
     if args.num_frames is not None and args.num_frames != decoded:
-        log.warning("--num-frames %d: the Wan VAE decodes %d latent frames to %d; scoring will refuse other counts",
-                    args.num_frames, args.latent_shape[1], decoded)
+        log.warning("--num-frames %d: the Wan VAE decodes %d latent frames to %d, so scoring will mark every "
+                    "sample WRONG_FRAME_COUNT", args.num_frames, args.latent_shape[1], decoded)
     store = create_store(
         args.store, prompts, samples_per_prompt=samples, latent_shape=args.latent_shape,
         num_frames=args.num_frames or decoded, text_dim=text_dim, max_text_len=args.max_text_len, text_dtype=args.text_dtype,
@@ -336,7 +335,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=str.strip, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--half", action="store_true", help="half-precision weights and activations on CUDA (bfloat16, or float16 on cards without it)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="frames (detector) or prompts (encoder) per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

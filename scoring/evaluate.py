@@ -179,7 +179,7 @@ def evaluate_samples(samples: Sequence[EvalSample], out_dir: str | os.PathLike, 
     if not samples:
         raise EvaluationError("there are no samples to evaluate: no video named {prompt_id}_{seed}.mp4 matches a "
                               "row of the prompt table, or the store has no samples")
-    if all(s.status == Status.UNSCORED for s in samples):
+    if not quality and all(s.status == Status.UNSCORED for s in samples):
         raise EvaluationError(f"none of the {len(samples)} samples is scored yet: run `python -m scoring score` first "
                               "(or, for a video folder, pass --detector and --tracker to evaluate)")
     out_dir = Path(out_dir)

@@ -162,8 +162,8 @@ def _train(rc: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
                           max_text_len=rc.data.max_text_len, num_hosts=jax.process_count(),
                           host_index=jax.process_index())
 
+    sampler.store.check_model(rc.wan_config())  # before the weights load (minutes at full scale)
     model = build_model(rc, mesh)
-    sampler.store.check_model(model.config)
     step_cfg = rc.step_config()
     optimizer = make_optimizer(step_cfg)
     state = init_train_state(model, optimizer, mesh)

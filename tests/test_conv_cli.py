@@ -299,8 +299,15 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "trunc")], weights.name, "truncated or corrupt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "junk.safetensors")], "truncated or corrupt")
-    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
-    _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "junk.pt")], "truncated or corrupt")
+    junk = {"zip.pt": b"PK\x03\x04" + b"\x00" * 60, "noise.pt": np.random.default_rng(0).bytes(200),
+            "lfs.pt": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n"}
+    for name, data in junk.items():
+        (tmp_path / name).write_bytes(data)
+        _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / name)], name, "truncated or corrupt")
+    # A failed conversion leaves no folders behind, not even the destination's new parents.
+    assert to_flax.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "new" / "deep" / "ck")]) == 1
+    assert not (tmp_path / "new").exists()
+    capsys.readouterr()
 
     model = tiny_transformer()
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")

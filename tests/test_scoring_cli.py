@@ -175,9 +175,12 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert main(["score", "--videos", str(tmp_path / "upper"), "--csv", str(csv), "--out", str(tmp_path / "o"),
                  "--detector", "d", "--tracker", "t"]) == 2
     assert "holds no *.mp4 files" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["score", "--store", str(st.path), "--device", "gpu"])
-    assert "'gpu': expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    (tmp_path / "mp4").mkdir()
+    assert main(["evaluate", "--store", str(st.path), "--out", str(tmp_path / "r"), "--mp4-dir", str(tmp_path / "mp4"),
+                 "--clip", str(tmp_path), "--device", "gpu"]) == 2
+    assert "--device 'gpu': expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main(["create-store", "--store", str(tmp_path / "n"), "--csv", str(csv), "--latent-shape", "16"]) == 2
+    assert "--latent-shape must be 4 numbers" in capsys.readouterr().err
 
 
 def test_evaluate_video_folder_with_fake_quality(tmp_path, capsys):
