@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from spatialalign_jax.run_config import DEFAULT_CONFIG_PATH, RunConfigError, load_run_config
 
-    overrides = list(args.overrides) + ([f"mesh={args.mesh}"] if args.mesh else [])
     try:
-        rc = load_run_config(args.config or DEFAULT_CONFIG_PATH, overrides)
+        rc = load_run_config(args.config or DEFAULT_CONFIG_PATH, args.overrides, mesh=args.mesh)
     except (RunConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     if _launched_multi_host():

@@ -377,8 +377,10 @@ class RunConfig:
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def load_run_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run config of the YAML file ``path`` (None: the SPEC defaults) with ``key=value`` overrides."""
+def load_run_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                    mesh: str | None = None) -> RunConfig:
+    """The run config of the YAML file ``path`` (None: the SPEC defaults) with ``key=value`` overrides, then
+    ``mesh`` (run_train's ``--mesh``) over them."""
     tree = _defaults()
     sources: dict[str, str] = {}
     if path is not None:
@@ -393,6 +395,8 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: Sequence[s
         except yaml.YAMLError as e:
             raise RunConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
         _set_dotted(tree, key, value, f"--set {item}", sources)
+    if mesh is not None:
+        _set_dotted(tree, "mesh", mesh, f"--mesh {mesh}", sources)
     cfg = _build(tree, sources)
     if cfg.model.path is not None and cfg.model.config:
         warnings.warn(f"model.config is ignored: model.path={cfg.model.path!r} brings its own architecture",

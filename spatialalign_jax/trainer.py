@@ -143,17 +143,17 @@ def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ValueError(f"run.dir {str(run_dir)!r} must be a folder, but {str(blocking)!r} is a file")
+    mesh = make_mesh(rc.mesh)  # a mesh the devices cannot make fails before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir) if jax.process_index() == 0 else None
     try:
-        return _train(rc, run_dir, progress)
+        return _train(rc, run_dir, mesh, progress)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(rc: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-    mesh = make_mesh(rc.mesh)
+def _train(rc: RunConfig, run_dir: Path, mesh: jax.sharding.Mesh, progress: bool) -> dict[str, Any]:
     pairs_micro = rc.pairs_per_micro_step(mesh.size)
     chief = jax.process_index() == 0  # the one process that writes run files (Orbax coordinates its own)
     _ensure_store(rc)

@@ -143,6 +143,13 @@ def test_bad_overrides_name_the_key(override, fragments):
         assert fragment in str(e.value), (fragment, str(e.value))
 
 
+def test_mesh_flag_is_named_as_itself():
+    """run_train's --mesh overrides --set mesh=... and its errors say --mesh."""
+    assert load_run_config(None, ["mesh=data=1,fsdp=1"], mesh="data=2,fsdp=4").mesh == "data=2,fsdp=4"
+    with pytest.raises(RunConfigError, match=r"mesh \(from --mesh data=x\): "):
+        load_run_config(None, [], mesh="data=x")
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_run_config(tmp_path / "missing.yaml", [])

@@ -112,6 +112,7 @@ def test_resume_rewrites_a_missing_lora_export(tmp_path):
 def test_mesh_that_does_not_match_devices_is_an_error(tmp_path):
     out = _run_train(tmp_path / "run", "--mesh", "data=3,fsdp=1", devices=2, check=False)
     assert out.returncode != 0 and "data=3 x fsdp=1 = 3 devices, but 2 are available" in out.stdout + out.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def test_kill_and_resume_continues_with_the_same_losses(reference, tmp_path):
