@@ -294,8 +294,8 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"destination {str(dst)!r} already exists; pass --overwrite to replace it")
-    blocking = next((p for p in dst.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = atomic.file_in_the_way(dst.parent)
+    if blocking is not None:
         raise FileExistsError(f"destination {str(dst)!r} lies under {str(blocking)!r}, which is a file; "
                               "choose another --dst")
     return dst

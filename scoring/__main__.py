@@ -26,6 +26,7 @@ from scoring.evaluate import EvaluationError
 from scoring.loading import ModelFolderError
 from scoring.prompts import PromptTableError, load_prompt_csv
 from scoring.run import ScoringAborted
+from spatialalign_jax.atomic import file_in_the_way
 from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, decoded_frames, shard_arg
 
 log = logging.getLogger("scoring")
@@ -427,9 +428,8 @@ def _check_output_folders(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is None:
             continue
-        path = Path(value)
-        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
-        if blocking is not None and not blocking.is_dir():
+        blocking = file_in_the_way(value)
+        if blocking is not None:
             option = "--" + flag.replace("_", "-")
             raise CliError(f"{option} {value!r} must be a folder, but {str(blocking)!r} is a file")
 

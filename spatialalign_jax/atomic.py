@@ -17,6 +17,14 @@ os.umask(_UMASK)
 PLAIN_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: readable by others unless the umask says not
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file at `path` or at one of its parents, which a folder there would need to replace; None
+    when the path (or what exists of it) runs through folders only."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def give_plain_mode(path: str | os.PathLike) -> None:
     """Undoes an owner-only mode that a library writer chose (safetensors' `save_file` writes 0600), so
     that exports are readable by other users and services, as a file written with open() is."""

@@ -196,6 +196,10 @@ class PairSampler:
 
     def _no_pairs_message(self, status, dsr, seeds, text_len, in_split, usable) -> str:
         st = self.store
+        if not in_split.any():
+            splits = sorted({str(row.get("split")) for row in st.prompts})
+            return (f"store {st.path}: no prompt is in split {self.split!r}; its prompts are in {splits}. "
+                    "Choose one of those (run_train: data.split; null takes every prompt)")
         P, S = status.shape
         split_rows = in_split[:, None] & np.ones((1, S), bool)
         scored = int(((status != Status.UNSCORED) & split_rows).sum())
@@ -205,10 +209,6 @@ class PairSampler:
         with np.errstate(invalid="ignore"):
             winners = int((finite >= self.tau).sum())
         losers = int(use.sum()) - winners
-        if not in_split.any():
-            splits = sorted({str(row.get("split")) for row in st.prompts})
-            return (f"store {st.path}: no prompt is in split {self.split!r}; its prompts are in {splits}. "
-                    "Choose one of those (run_train: data.split; null takes every prompt)")
         split_txt = f"{int(in_split.sum())} in split {self.split!r}" if self.split else "all splits"
         return (
             f"store {st.path}: no prompt has a usable pair for pairing {self.pairing!r} "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .atomic import file_in_the_way
 from .checkpoint import load_transformer, save_checkpoint
 from .data import PairSampler, make_synthetic_store
 from .losses import pairing_for
@@ -140,8 +141,8 @@ def _lock_run_dir(run_dir: Path):
 def train(rc: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the configured training; returns a summary of the last step."""
     run_dir = Path(rc.run.dir)
-    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = file_in_the_way(run_dir)
+    if blocking is not None:
         raise ValueError(f"run.dir {str(run_dir)!r} must be a folder, but {str(blocking)!r} is a file")
     mesh = make_mesh(rc.mesh)  # a mesh the devices cannot make fails before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)

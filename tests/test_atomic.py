@@ -98,3 +98,11 @@ def test_files_get_the_mode_of_a_plain_file(tmp_path):
     other process of the project, scorer or trainer, may run as another user)."""
     atomic.write_text_atomic(tmp_path / "a.json", "{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK
+
+
+def test_file_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("")
+    assert atomic.file_in_the_way(tmp_path / "f") == tmp_path / "f"
+    assert atomic.file_in_the_way(tmp_path / "f" / "a" / "b") == tmp_path / "f"
+    assert atomic.file_in_the_way(tmp_path / "new" / "a") is None
+    assert atomic.file_in_the_way(tmp_path) is None

@@ -129,7 +129,7 @@ def test_store_tracker_error_and_missing_latents(tmp_path):
 
 
 def test_a_broken_device_or_repeated_model_errors_stop_the_run(tmp_path):
-    """A CUDA error stops at once and records nothing for its video; a model error that repeats on
+    """A CUDA error records its video as MODEL_ERROR and stops at once; a model error that repeats on
     MAX_CONSECUTIVE_MODEL_ERRORS videos in a row stops the run instead of failing the whole shard."""
     from scoring.run import MAX_CONSECUTIVE_MODEL_ERRORS, ScoringAborted
 
