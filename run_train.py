@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("absl", "jax._src.xla_bridge"):  # Orbax narrates every save at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
-    from spatialalign_jax.run_config import DEFAULT_CONFIG_PATH, RunConfigError, load_run_config
+    from spatialalign_jax.train.run_config import DEFAULT_CONFIG_PATH, RunConfigError, load_run_config
 
     try:
         rc = load_run_config(args.config or DEFAULT_CONFIG_PATH, args.overrides, mesh=args.mesh)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 explicit[arg] = int(env[var])
         jax.distributed.initialize(**explicit)
 
-    from spatialalign_jax.trainer import NonFiniteLoss, RunDirBusy, train
+    from spatialalign_jax.train.trainer import NonFiniteLoss, RunDirBusy, train
 
     try:
         summary = train(rc, progress=not args.no_progress)

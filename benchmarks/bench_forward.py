@@ -36,8 +36,8 @@ def one_jax(size: str, attention: str, repeats: int, cfg: dict = MID, dtype: str
     import jax.numpy as jnp
     from flax import nnx
 
-    from spatialalign_jax.config import WanConfig
-    from spatialalign_jax.model import WanTransformer3DModel
+    from spatialalign_jax.model.config import WanConfig
+    from spatialalign_jax.model.transformer import WanTransformer3DModel
 
     fhw = fhw or SIZES[size]
     model = WanTransformer3DModel(WanConfig.from_diffusers(cfg), dtype=dtype, param_dtype=dtype,

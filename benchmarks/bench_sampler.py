@@ -29,9 +29,9 @@ def main() -> None:
     import numpy as np
     from flax import nnx
 
-    from spatialalign_jax.config import WanConfig
-    from spatialalign_jax.model import WanTransformer3DModel
-    from spatialalign_jax.sampler import DEFAULT_STEPS, denoise
+    from spatialalign_jax.model.config import WanConfig
+    from spatialalign_jax.model.transformer import WanTransformer3DModel
+    from spatialalign_jax.sample.sampler import DEFAULT_STEPS, denoise
 
     cfg, fhw, text_len = (WAN_1_3B, FULL_FHW, FULL_TEXT_LEN) if args.full else (MID, SIZES["320"], TEXT_LEN)
     dtype = args.dtype or ("bfloat16" if args.full else "float32")

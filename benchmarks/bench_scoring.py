@@ -37,7 +37,7 @@ from scoring.detect import GroundingDinoDetector  # noqa: E402
 from scoring.loading import half_dtype  # noqa: E402
 from scoring.track import TransformersSam2Tracker  # noqa: E402
 from scoring.vae import WanVaeDecoder  # noqa: E402
-from spatialalign_jax.atomic import write_text_atomic  # noqa: E402
+from spatialalign_jax.common.atomic import write_text_atomic  # noqa: E402
 
 HEIGHT, WIDTH = 480, 832
 RESULTS = Path(__file__).with_name("results") / "scoring.json"

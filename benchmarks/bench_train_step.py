@@ -42,10 +42,10 @@ def one_jax(size: str, repeats: int, cfg: dict = MID, dtype: str = "float32", re
     import jax
     from flax import nnx
 
-    from spatialalign_jax.config import LoraConfig, WanConfig
-    from spatialalign_jax.lora import BASE
-    from spatialalign_jax.model import WanTransformer3DModel
-    from spatialalign_jax.train_step import StepConfig, init_train_state, make_optimizer, make_train_step
+    from spatialalign_jax.model.config import LoraConfig, WanConfig
+    from spatialalign_jax.model.lora import BASE
+    from spatialalign_jax.model.transformer import WanTransformer3DModel
+    from spatialalign_jax.train.step import StepConfig, init_train_state, make_optimizer, make_train_step
 
     fhw = fhw or SIZES[size]
     model = WanTransformer3DModel(WanConfig.from_diffusers(cfg), lora=LoraConfig(), dtype=dtype, param_dtype=dtype,

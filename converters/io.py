@@ -20,8 +20,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from converters import layouts
-from spatialalign_jax import atomic
-from spatialalign_jax.config import WanConfig
+from spatialalign_jax.common import atomic
+from spatialalign_jax.model.config import WanConfig
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """`spatialalign_jax.atomic.atomic_output` behind the converters' destination check: an existing
+    """`spatialalign_jax.common.atomic.atomic_output` behind the converters' destination check: an existing
     `dst` is refused unless `overwrite`, and a failed conversion leaves nothing behind."""
     with atomic.atomic_output(check_destination(dst, overwrite=overwrite)) as tmp:
         yield tmp

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from converters import io
-from spatialalign_jax import atomic
+from spatialalign_jax.common import atomic
 
 log = logging.getLogger("converters.to_diffusers")
 
@@ -45,8 +45,8 @@ def _to_torch(value: np.ndarray):
 
 
 def _load(src: str | Path):
-    from spatialalign_jax.checkpoint import lora_config_from_meta, read_checkpoint
-    from spatialalign_jax.config import WanConfig
+    from spatialalign_jax.model.checkpoint import lora_config_from_meta, read_checkpoint
+    from spatialalign_jax.model.config import WanConfig
 
     meta, base, lora = read_checkpoint(src)
     return WanConfig.from_diffusers(meta["config"]), base, lora_config_from_meta(meta), lora, meta
@@ -55,9 +55,9 @@ def _load(src: str | Path):
 def _base_state_dict(base_path: str | Path, cfg) -> dict[str, np.ndarray]:
     """Diffusers-named base weights from a diffusers folder, an original Wan checkpoint or a converted
     checkpoint, refusing one whose config differs from the LoRA's model."""
-    from spatialalign_jax.checkpoint import is_checkpoint, read_checkpoint
-    from spatialalign_jax.config import WanConfig
-    from spatialalign_jax.params import diffusers_from_flax
+    from spatialalign_jax.model.checkpoint import is_checkpoint, read_checkpoint
+    from spatialalign_jax.model.config import WanConfig
+    from spatialalign_jax.model.params import diffusers_from_flax
 
     if is_checkpoint(base_path):
         meta, base, _ = read_checkpoint(base_path)
@@ -105,7 +105,7 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fo
     write it). `fold_alpha` folds alpha / rank into B and writes alpha = rank, for loaders that ignore
     that metadata (ComfyUI, older diffusers): the same weights under any loader.
     """
-    from spatialalign_jax.params import lora_peft_from_flax
+    from spatialalign_jax.model.params import lora_peft_from_flax
 
     dst = Path(dst)
     file = dst if dst.suffix == ".safetensors" else dst / io.LORA_WEIGHTS
@@ -187,7 +187,7 @@ def export_merged(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     A LoRA-only checkpoint (what training writes) is merged into `base`, by default the base model
     path the training run recorded in the checkpoint.
     """
-    from spatialalign_jax.params import diffusers_from_flax, lora_peft_from_flax
+    from spatialalign_jax.model.params import diffusers_from_flax, lora_peft_from_flax
 
     dst = io.check_destination(dst, overwrite=overwrite)
     cfg, base_flat, lora_cfg, lora, meta = _load(src)

@@ -35,7 +35,7 @@ def _cast_base(cfg, flat: Mapping[str, np.ndarray], dtype: str | None) -> dict[s
     """
     import jax.numpy as jnp
 
-    from spatialalign_jax.params import abstract_model
+    from spatialalign_jax.model.params import abstract_model
 
     if dtype is None:
         return dict(flat)
@@ -50,8 +50,8 @@ def prepare_lora(cfg, base_shapes: Mapping[str, tuple[int, ...]], lora: layouts.
     `base_shapes`: diffusers name -> shape of the base weights, to size the zero factors of blocks the
     LoRA leaves out and to refuse targets that are not linear layers.
     """
-    from spatialalign_jax.config import LoraConfig
-    from spatialalign_jax.params import lora_flax_from_peft
+    from spatialalign_jax.model.config import LoraConfig
+    from spatialalign_jax.model.params import lora_flax_from_peft
 
     out_of_range = layouts.lora_out_of_range(lora, cfg.num_layers)
     if out_of_range:
@@ -83,9 +83,9 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Converts `src` (+ `lora`) to an Orbax checkpoint at `dst`; returns `dst`. Nothing is left on failure."""
-    from spatialalign_jax.checkpoint import save_checkpoint
-    from spatialalign_jax.config import WanConfig
-    from spatialalign_jax.params import flax_from_diffusers
+    from spatialalign_jax.model.checkpoint import save_checkpoint
+    from spatialalign_jax.model.config import WanConfig
+    from spatialalign_jax.model.params import flax_from_diffusers
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")

@@ -1,7 +1,7 @@
 """One SpatialAlign training step in PyTorch: the parity reference for the JAX step.
 
 diffusers' ``WanTransformer3DModel`` with a PEFT LoRA adapter on the SPEC section 5 targets, the
-SPEC loss (stated again here in torch, independently of ``spatialalign_jax.losses``), reference
+SPEC loss (stated again here in torch, independently of ``spatialalign_jax.train.losses``), reference
 predictions from the same network with the adapter disabled, ``torch.optim.AdamW`` with a
 linear-warm-up + cosine ``LambdaLR`` and gradient accumulation.
 
@@ -77,7 +77,7 @@ def preference_loss(
     clip: float | None = 5.0,
     lam_sft: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SPEC section 5's loss in float32 torch (see ``spatialalign_jax.losses`` for the kinds)."""
+    """SPEC section 5's loss in float32 torch (see ``spatialalign_jax.train.losses`` for the kinds)."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
     e_w = _per_sample_mse(pred_w, target_w)

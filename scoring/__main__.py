@@ -26,8 +26,8 @@ from scoring.evaluate import EvaluationError
 from scoring.loading import ModelFolderError
 from scoring.prompts import PromptTableError, load_prompt_csv
 from scoring.run import ScoringAborted
-from spatialalign_jax.atomic import file_in_the_way
-from spatialalign_jax.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, decoded_frames, shard_arg
+from spatialalign_jax.common.atomic import file_in_the_way
+from spatialalign_jax.common.store import SPLITS, TEXT_DTYPES, Store, StoreError, create_store, decoded_frames, shard_arg
 
 log = logging.getLogger("scoring")
 

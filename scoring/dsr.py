@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from spatialalign_jax.common.dsr_types import DSR_TYPES, RELATIONS, DsrType, get_dsr_type  # noqa: F401  (re-exported)
+
 # Fewer kept frames than this make a video invalid for the DSR-Score.
 MIN_KEPT_FRAMES = 20
 # r_init / r_f average this many frames at each end of the kept sequence.
@@ -21,45 +23,12 @@ HEADLINE_TAU = 0.7
 
 
 @dataclass(frozen=True)
-class DsrType:
-    """A DSR type: the animal moves from the initial to the final static spatial relation."""
-
-    name: str
-    initial: str  # relation code: "L", "R" or "T"
-    final: str
-    initial_phrase: str  # as written in prompts, e.g. "on the left of"
-    final_phrase: str
-
-
-# SPEC section 2, table of the six types: the single source of truth for type names and phrases.
-DSR_TYPES: dict[str, DsrType] = {
-    t.name: t
-    for t in (
-        DsrType("LR", "L", "R", "on the left of", "to the right of"),
-        DsrType("RL", "R", "L", "on the right of", "to the left of"),
-        DsrType("LT", "L", "T", "on the left of", "to the top of"),
-        DsrType("TL", "T", "L", "on the top of", "to the left of"),
-        DsrType("RT", "R", "T", "on the right of", "to the top of"),
-        DsrType("TR", "T", "R", "on the top of", "to the right of"),
-    )
-}
-RELATIONS = ("L", "R", "T")
-
-
-@dataclass(frozen=True)
 class SsrScores:
     """The SSR sequences of one video over its kept frames, in time order."""
 
     frames: np.ndarray  # (K,) int indices of the kept frames in the video
     initial: np.ndarray  # (K,) float64 SSR of the initial relation
     final: np.ndarray  # (K,) float64 SSR of the final relation
-
-
-def get_dsr_type(name: str) -> DsrType:
-    try:
-        return DSR_TYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown DSR type {name!r}; the types are {sorted(DSR_TYPES)}") from None
 
 
 def _as_boxes(boxes: np.ndarray, what: str) -> np.ndarray:

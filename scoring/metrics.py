@@ -11,9 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scoring.dsr import CORRECTNESS_TAUS, DSR_TYPES, HEADLINE_TAU, correctness_curve
-from spatialalign_jax.atomic import atomic_path, write_text_atomic
-from spatialalign_jax.store import Status
+from scoring.dsr import CORRECTNESS_TAUS, HEADLINE_TAU, correctness_curve
+from spatialalign_jax.common.atomic import atomic_path, write_text_atomic
+from spatialalign_jax.common.dsr_types import DSR_TYPES
+from spatialalign_jax.common.store import Status
 
 
 def status_counts(status: Sequence[int] | np.ndarray) -> dict[str, int]:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scoring.dsr import dsr_from_ssr, get_dsr_type, ssr_scores
+from scoring.dsr import dsr_from_ssr, ssr_scores
 from scoring.metrics import save_figure_atomic
+from spatialalign_jax.common.dsr_types import get_dsr_type
 
 
 def plot_ssr_curves(animal_boxes: np.ndarray, object_boxes: np.ndarray, dsr_type: str,

@@ -13,8 +13,8 @@ import io
 import os
 from pathlib import Path
 
-from scoring.dsr import DSR_TYPES
-from spatialalign_jax.store import OPTIONAL_PROMPT_COLUMNS, PROMPT_COLUMNS, SPLITS
+from spatialalign_jax.common.dsr_types import DSR_TYPES
+from spatialalign_jax.common.store import OPTIONAL_PROMPT_COLUMNS, PROMPT_COLUMNS, SPLITS
 
 
 class PromptTableError(ValueError):

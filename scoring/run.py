@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from scoring.dsr import dsr_score
 from scoring.metrics import write_json_atomic
 from scoring.video import DEFAULT_FPS, VideoError, parse_video_name, read_video, video_name, write_video
-from spatialalign_jax.store import Status, Store
+from spatialalign_jax.common.store import Status, Store
 
 log = logging.getLogger("scoring")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from scoring.detect import Detection, Detector, check_frames, normalize_label
 from scoring.track import Tracker
-from spatialalign_jax.store import Status
+from spatialalign_jax.common.store import Status
 
 MAX_REDUNDANT_FRAMES = 16
 MIN_VALID_FRAMES = 20

@@ -13,7 +13,7 @@ from typing import Collection
 import av
 import numpy as np
 
-from spatialalign_jax.atomic import atomic_path
+from spatialalign_jax.common.atomic import atomic_path
 
 DEFAULT_FPS = 16  # Wan2.1's frame rate
 

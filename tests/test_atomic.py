@@ -1,10 +1,10 @@
-"""spatialalign_jax.atomic: what a finished, failed or interrupted write leaves behind."""
+"""spatialalign_jax.common.atomic: what a finished, failed or interrupted write leaves behind."""
 
 import os
 
 import pytest
 
-from spatialalign_jax import atomic
+from spatialalign_jax.common import atomic
 
 
 def _listing(folder):

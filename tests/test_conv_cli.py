@@ -32,7 +32,7 @@ def _flax_forward(ckpt, x, t, ctx, use_lora=True):
 
 
 def _read(ckpt):
-    from spatialalign_jax.checkpoint import read_checkpoint
+    from spatialalign_jax.model.checkpoint import read_checkpoint
 
     return read_checkpoint(ckpt)
 
@@ -81,7 +81,7 @@ def test_converted_checkpoint_loads_onto_the_device_and_checks_shapes(work, tmp_
     from flax import nnx
 
     from spatialalign_jax import load_transformer
-    from spatialalign_jax.checkpoint import META_FILE
+    from spatialalign_jax.model.checkpoint import META_FILE
 
     leaves = jax.tree.leaves(nnx.state(load_transformer(work["ckpt"])))
     assert leaves and all(isinstance(v, jax.Array) for v in leaves)
@@ -109,7 +109,7 @@ def _check_diffusers_loads_export(work, path, *, alpha, rank):
 
 def _plain_mode(path) -> bool:
     """Readable as a file written with open() is (safetensors' own writer makes files owner-only)."""
-    from spatialalign_jax.atomic import PLAIN_FILE_MODE
+    from spatialalign_jax.common.atomic import PLAIN_FILE_MODE
 
     return path.stat().st_mode & 0o777 == PLAIN_FILE_MODE
 
@@ -402,8 +402,8 @@ def test_lora_on_every_linear_and_some_blocks_only(work, tmp_path):
 
 def test_lora_only_checkpoint_exports(work, tmp_path, capsys):
     """Training writes LoRA-only checkpoints: they export as a LoRA file and merge into their base model."""
-    from spatialalign_jax.checkpoint import lora_config_from_meta, save_checkpoint
-    from spatialalign_jax.config import WanConfig
+    from spatialalign_jax.model.checkpoint import lora_config_from_meta, save_checkpoint
+    from spatialalign_jax.model.config import WanConfig
 
     meta, _, lora = _read(work["ckpt"])
     save_checkpoint(tmp_path / "lora_only", WanConfig.from_diffusers(meta["config"]), None,

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from spatialalign_jax.data import (PAIRINGS, PairSampler, build_pair_table, draw_pairs, make_synthetic_store,
+from spatialalign_jax.train.pairs import (PAIRINGS, PairSampler, build_pair_table, draw_pairs, make_synthetic_store,
                                    usable_mask)
-from spatialalign_jax.store import Status, Store, StoreError, create_store
+from spatialalign_jax.common.store import Status, Store, StoreError, create_store
 
 LATENT = (2, 1, 2, 2)
 D, L = 4, 8

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spatialalign_jax.attention import attend
-from spatialalign_jax.layers import dense
+from spatialalign_jax.model.attention import attend
+from spatialalign_jax.model.layers import dense
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -36,7 +36,7 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("block", [128, 2048])  # 3 query blocks of 101 rows (2 padded) / one block
 @pytest.mark.parametrize("concurrent", [True, False])  # heads unrolled side by side / one at a time
 def test_blockwise_attention_gradients_match_xla(dtype, block, concurrent, monkeypatch):
-    from spatialalign_jax import attention
+    from spatialalign_jax.model import attention
 
     monkeypatch.setattr(attention, "CONCURRENT_HEADS_MAX_SCORES", 1 << 20 if concurrent else 0)
     keys = jax.random.split(jax.random.key(0), 4)
@@ -84,9 +84,9 @@ def test_training_gradients_through_blockwise_attention_and_bf16(tmp_path):
     from flax import nnx
 
     from spatialalign_jax import load_transformer
-    from spatialalign_jax.config import LoraConfig
-    from spatialalign_jax.lora import BASE, LORA
-    from spatialalign_jax.train_step import StepConfig, make_grad_fn
+    from spatialalign_jax.model.config import LoraConfig
+    from spatialalign_jax.model.lora import BASE, LORA
+    from spatialalign_jax.train.step import StepConfig, make_grad_fn
 
     import torch
     torch.manual_seed(0)
@@ -117,10 +117,10 @@ def test_attention_kernel_remat_keeps_the_kernel_outputs(monkeypatch):
     without remat, where full remat traces it once more (the recompute it avoids)."""
     from flax import nnx
 
-    from spatialalign_jax import attention
-    from spatialalign_jax.config import LoraConfig, WanConfig
-    from spatialalign_jax.lora import BASE, LORA
-    from spatialalign_jax.model import WanTransformer3DModel
+    from spatialalign_jax.model import attention
+    from spatialalign_jax.model.config import LoraConfig, WanConfig
+    from spatialalign_jax.model.lora import BASE, LORA
+    from spatialalign_jax.model.transformer import WanTransformer3DModel
 
     monkeypatch.setattr(attention, "SHORT_KEYS", 16)  # 128 tokens take the blockwise path
     cfg = WanConfig.from_diffusers(dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,

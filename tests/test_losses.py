@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spatialalign_jax import losses
+from spatialalign_jax.train import losses
 
 # Two pairs, two latent elements each. The per-sample errors below were worked out on paper:
 TARGET_W = [[1.0, 0.0], [0.0, 2.0]]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from spatialalign_jax.metrics_log import (METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, ProgressBar,
+from spatialalign_jax.train.metrics_log import (METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, ProgressBar,
                                           format_postfix, read_metrics)
 
 

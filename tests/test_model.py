@@ -17,13 +17,13 @@ import torch
 from diffusers import WanTransformer3DModel as TorchWan
 from flax import nnx
 
-from spatialalign_jax import attention as A
+from spatialalign_jax.model import attention as A
 from spatialalign_jax import load_transformer
-from spatialalign_jax.attention import apply_rope, attend, rope_tables
-from spatialalign_jax.config import LoraConfig, WanConfig
-from spatialalign_jax.lora import BASE, LORA, flat_params
-from spatialalign_jax.model import WanTransformer3DModel
-from spatialalign_jax.sharding import make_mesh
+from spatialalign_jax.model.attention import apply_rope, attend, rope_tables
+from spatialalign_jax.model.config import LoraConfig, WanConfig
+from spatialalign_jax.model.lora import BASE, LORA, flat_params
+from spatialalign_jax.model.sharding import make_mesh
+from spatialalign_jax.model.transformer import WanTransformer3DModel
 
 RTOL = 1e-4
 
@@ -293,7 +293,7 @@ def test_auto_attention_picks_cudnn_for_half_precision_on_gpu_else_blockwise(mon
 
 
 def test_state_dict_shape_mismatch_in_one_block_names_that_key():
-    from spatialalign_jax.params import diffusers_from_flax, flax_from_diffusers
+    from spatialalign_jax.model.params import diffusers_from_flax, flax_from_diffusers
 
     torch.manual_seed(0)
     sd = {k: v.numpy() for k, v in TorchWan(**CONFIGS["odd_nonsquare"]).state_dict().items()}

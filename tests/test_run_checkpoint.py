@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spatialalign_jax.run_checkpoint import CHECKPOINT_SUBDIR, RunCheckpointer, SigtermGuard
+from spatialalign_jax.train.run_checkpoint import CHECKPOINT_SUBDIR, RunCheckpointer, SigtermGuard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ _KILLED_CHILD = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax.numpy as jnp, optax
     from orbax.checkpoint._src.path import atomicity
-    from spatialalign_jax.run_checkpoint import RunCheckpointer
+    from spatialalign_jax.train.run_checkpoint import RunCheckpointer
 
     run_dir, marker = sys.argv[1], sys.argv[2]
     lora = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3, 2))}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spatialalign_jax.config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
-from spatialalign_jax.run_config import (DEFAULT_CONFIG_PATH, RunConfig, RunConfigError, TrainSection,
+from spatialalign_jax.model.config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
+from spatialalign_jax.train.run_config import (DEFAULT_CONFIG_PATH, RunConfig, RunConfigError, TrainSection,
                                          load_run_config)
 
 REPO = Path(__file__).resolve().parent.parent

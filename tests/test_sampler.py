@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conv_tiny import TINY_CONFIG, tiny_transformer
-from spatialalign_jax import load_transformer, sampler
-from spatialalign_jax.sample import derived_seed, main, sample_store
-from spatialalign_jax.sharding import make_mesh
-from spatialalign_jax.store import Store, create_store
+from spatialalign_jax import load_transformer
+from spatialalign_jax.common.store import Store, create_store
+from spatialalign_jax.model.sharding import make_mesh
+from spatialalign_jax.sample import sampler
+from spatialalign_jax.sample.cli import derived_seed, main, sample_store
 
 LATENT_SHAPE = (4, 3, 4, 6)  # (C, F, H, W): 9 frames of 32 x 48 pixels through the Wan VAE factors
 TEXT_LEN = 8  # the padded text length (512 at real scale)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from spatialalign_jax import schedule
+from spatialalign_jax.sample import schedule
 
 
 def test_training_table_matches_spec_and_diffusers():

@@ -15,7 +15,7 @@ from scoring.prompts import load_prompt_csv
 from scoring.run import score_store, score_video_dir
 from scoring.video import write_video
 from scoring_fakes import ColorDetector, ColorTracker, FakeDecoder, fake_latents, render, trajectory
-from spatialalign_jax.store import Status, Store, create_store
+from spatialalign_jax.common.store import Status, Store, create_store
 
 ROOT = Path(__file__).resolve().parents[1]
 # The published prompt sets ship with the package (copies of ../shared/reference).

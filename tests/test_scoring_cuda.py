@@ -91,7 +91,7 @@ TL,p_TL,In a room,on the top of,to the left of,dog,box,"In a room, a dog is on t
 def test_cli_end_to_end_on_cuda(tmp_path, capsys, half):
     """encode-prompts -> score -> evaluate with every model on the GPU (``--half``: bfloat16)."""
     from scoring.__main__ import main
-    from spatialalign_jax.store import Status, Store
+    from spatialalign_jax.common.store import Status, Store
 
     models = {name: make(tmp_path / name) for name, make in (
         ("umt5", tiny.umt5), ("vae", tiny.wan_vae), ("gdino", tiny.grounding_dino), ("sam2", tiny.sam2_video),

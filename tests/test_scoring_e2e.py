@@ -12,7 +12,7 @@ import pytest
 import tiny_scoring_models as tiny
 from scoring.__main__ import main
 from scoring.video import read_video
-from spatialalign_jax.store import Status, Store
+from spatialalign_jax.common.store import Status, Store
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_cli_end_to_end_with_tiny_models(models, tmp_path, capsys):
     assert q["clip_iqa_natural"]["num_samples"] == 2 and 0.0 < q["clip_iqa_natural"]["mean"] < 1.0
 
     # A VAE that does not fit the store's latents is refused before anything is scored.
-    from spatialalign_jax.store import create_store
+    from spatialalign_jax.common.store import create_store
 
     wrong = create_store(tmp_path / "wrong", [dict(r, split="test") for r in st.prompts], samples_per_prompt=1,
                          latent_shape=(5, 6, 8, 8), num_frames=21, text_dim=8)

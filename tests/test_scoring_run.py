@@ -11,7 +11,7 @@ import pytest
 
 from scoring.dsr import dsr_score
 from scoring.run import load_video_results, record_boxes, score_store, score_video_dir
-from spatialalign_jax.store import parse_shard
+from spatialalign_jax.common.store import parse_shard
 from scoring.video import write_video
 from scoring_fakes import (
     MODE_DROP_FRAME,
@@ -24,7 +24,7 @@ from scoring_fakes import (
     render,
     trajectory,
 )
-from spatialalign_jax.store import Status, Store, create_store
+from spatialalign_jax.common.store import Status, Store, create_store
 
 T = 24
 TYPES = ["LR", "RL", "LT", "TL", "RT", "TR"]

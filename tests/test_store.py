@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from spatialalign_jax.store import (
+from spatialalign_jax.common.store import (
     LAYOUT_VERSION,
     STATUS_DESCRIPTIONS,
     Status,

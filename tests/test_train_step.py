@@ -16,11 +16,11 @@ from flax import nnx
 
 from reference_torch.dpo_step import TorchDpoStep
 from spatialalign_jax import load_transformer
-from spatialalign_jax.config import LoraConfig, WanConfig
-from spatialalign_jax.lora import BASE, LORA, set_params
-from spatialalign_jax.params import lora_flax_from_peft, lora_peft_from_flax
-from spatialalign_jax.sharding import make_mesh, microbatch_sharding
-from spatialalign_jax.train_step import StepConfig, init_train_state, make_grad_fn, make_optimizer, make_train_step
+from spatialalign_jax.model.config import LoraConfig, WanConfig
+from spatialalign_jax.model.lora import BASE, LORA, set_params
+from spatialalign_jax.model.params import lora_flax_from_peft, lora_peft_from_flax
+from spatialalign_jax.model.sharding import make_mesh, microbatch_sharding
+from spatialalign_jax.train.step import StepConfig, init_train_state, make_grad_fn, make_optimizer, make_train_step
 
 TINY = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
             freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
@@ -138,8 +138,8 @@ def test_partial_noise_is_an_error(setup):
 def test_one_timestep_for_the_whole_accumulated_batch():
     """SPEC 5: a step draws one timestep index for its whole batch, every micro-batch of the gradient
     accumulation included; `per_pair_timestep` draws one per pair."""
-    from spatialalign_jax import schedule
-    from spatialalign_jax.train_step import StepConfig, draw_sigmas
+    from spatialalign_jax.sample import schedule
+    from spatialalign_jax.train.step import StepConfig, draw_sigmas
 
     table = schedule.sigmas()
     shared = np.asarray(draw_sigmas(jax.random.key(3), 12, 4, StepConfig()))
@@ -156,7 +156,7 @@ def test_sharding_rules(caplog):
 
     from jax.sharding import PartitionSpec as P
 
-    from spatialalign_jax.sharding import make_mesh, param_shardings
+    from spatialalign_jax.model.sharding import make_mesh, param_shardings
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: tests/conftest.py gives the CPU 8, a one-GPU backend has 1")

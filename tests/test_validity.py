@@ -13,7 +13,7 @@ from scoring.validity import (
     first_valid_run,
     video_status,
 )
-from spatialalign_jax.store import Status
+from spatialalign_jax.common.store import Status
 
 T = 81
 ANIMAL, OBJ = "teddy bear", "chair"

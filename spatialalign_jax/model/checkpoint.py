@@ -1,4 +1,4 @@
-"""Converted transformer checkpoints (Orbax) and `load_transformer`.
+"""Converted transformer checkpoints (Orbax): the format, its writer and its readers.
 
 A converted checkpoint is a folder:
 
@@ -8,7 +8,10 @@ A converted checkpoint is a folder:
     params/             an Orbax PyTree checkpoint: {"base": {...}, "lora": {...}} nested by module path
 
 It is written into a temporary sibling and renamed into place, so a failed write leaves nothing.
-Loading restores each parameter straight into its sharding on the mesh (no full copy per device).
+`restore_params` restores each parameter straight into its sharding on the mesh (no full copy per
+device). Building a model from any source (this format, a diffusers folder, an original Wan
+checkpoint) is `converters.load.load_transformer`, one layer up: the model layer reads no foreign
+formats.
 """
 
 from __future__ import annotations
@@ -19,15 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from . import lora as lora_lib
-from .atomic import atomic_output
-from . import params as params_lib
+from spatialalign_jax.common.atomic import atomic_output
+
 from .config import LoraConfig, WanConfig
-from .model import WanTransformer3DModel
 
 FORMAT = "spatialalign-jax/wan-transformer"
 VERSION = 1
@@ -141,84 +140,29 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return meta, as_np(tree.get("base", {})), as_np(tree.get("lora", {}))
 
 
-def _place(value: np.ndarray, dtype, sharding) -> jax.Array:
-    value = np.asarray(value)
-    if sharding is None:
-        return jnp.asarray(value, dtype)
-    # Each device reads only its own slice of the host array.
-    return jax.make_array_from_callback(value.shape, sharding, lambda idx: np.asarray(value[idx], dtype))
+def restore_params(path: str | os.PathLike, targets: Mapping[str, jax.ShapeDtypeStruct], *,
+                   lora: bool) -> dict[str, jax.Array]:
+    """Restores a converted checkpoint's base weights (and its LoRA weights when ``lora``) as flat params,
+    each straight into the shape, dtype and sharding of its ``targets`` entry (``.lora_A``/``.lora_B``
+    names are the LoRA ones). A stored array whose shape differs from its target's is refused, restored
+    or not: Orbax would pad or cut it."""
+    import orbax.checkpoint as ocp
 
-
-def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype="float32",
-                     param_dtype=None, attention: str = "auto", remat: str = "none", scan_unroll: int | bool = 1,
-                     lora: LoraConfig | None | str = "checkpoint", lora_seed: int = 0) -> WanTransformer3DModel:
-    """Loads a diffusers transformer folder (or an original Wan checkpoint) or a converted checkpoint.
-
-    `lora="checkpoint"` keeps the LoRA the checkpoint carries (none for diffusers folders); `None`
-    builds no adapters; a `LoraConfig` adds adapters, restored from the checkpoint when it holds ones
-    of the same config and PEFT-initialised otherwise. With a `mesh`, every parameter is placed with
-    its sharding from `spatialalign_jax.sharding`. fp32-only modules (time embedder, modulation
-    tables, cross-attention norm) stay fp32 whatever `param_dtype` is, as in diffusers.
-    """
-    from . import sharding as sharding_lib
-
-    dtype = jnp.dtype(dtype)
-    param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
     path = Path(path)
-    if is_checkpoint(path):
-        meta = read_checkpoint_meta(path)
-        cfg = WanConfig.from_diffusers(meta["config"])
-        ckpt_lora = lora_config_from_meta(meta)
-        if not meta.get("has_base", True):
-            raise ValueError(f"{path} holds LoRA weights only; load its base model and apply them, or convert "
-                             "a base with `python -m converters.to_flax --src BASE --lora ...`")
-        base_source = None
-    else:
-        from converters.io import read_base  # reads diffusers folders and original Wan checkpoints
-
-        weights = read_base(path)
-        cfg = WanConfig.from_diffusers(weights.config)
-        ckpt_lora, base_source = None, params_lib.flax_from_diffusers(cfg, weights.state_dict)
-
-    lora_cfg = ckpt_lora if lora == "checkpoint" else lora
-    if isinstance(lora_cfg, str):
-        raise ValueError(f"lora={lora!r}: pass 'checkpoint', None or a LoraConfig")
-
-    abstract, targets = params_lib.abstract_model(cfg, lora_cfg, dtype=dtype, param_dtype=param_dtype,
-                                                  attention=attention, remat=remat, scan_unroll=scan_unroll)
-    shapes = {k: tuple(v.shape) for k, v in targets.items()}
-    # Without a mesh every weight lives on the default device (Orbax would otherwise restore numpy arrays).
-    shardings = sharding_lib.param_shardings(shapes, mesh) if mesh is not None else dict.fromkeys(
-        shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    lora_names = {k for k in shapes if k.endswith((".lora_A", ".lora_B"))}
-
-    if base_source is None:
-        import orbax.checkpoint as ocp
-
-        want = {"base": _nest({k: jax.ShapeDtypeStruct(shapes[k], targets[k].dtype, sharding=shardings[k])
-                               for k in shapes if k not in lora_names})}
-        if lora_cfg is not None and lora_cfg == ckpt_lora:
-            want["lora"] = _nest({k: jax.ShapeDtypeStruct(shapes[k], targets[k].dtype, sharding=shardings[k])
-                                  for k in lora_names})
-        ckptr = ocp.StandardCheckpointer()
-        # strict=False lets the restore skip what was not asked for, but it would also pad or cut an
-        # array whose stored shape differs from the config's: check the shapes first.
-        stored = {k: tuple(v.shape) for part in ckptr.metadata(path.absolute() / "params").item_metadata.tree.values()
-                  for k, v in _flatten(part).items()}
-        wrong = [f"{k}: stored {stored[k]}, the config makes {shapes[k]}" for k in shapes
-                 if k in stored and stored[k] != shapes[k]]
-        if wrong:
-            raise ValueError(f"{path}: weights do not fit the config in {META_FILE}: " + "; ".join(wrong[:5]))
-        restored = ckptr.restore(path.absolute() / "params", want, strict=False)
-        values = _flatten(restored["base"])
-        values.update(_flatten(restored.get("lora", {})))
-    else:
-        values = {k: _place(v, targets[k].dtype, shardings[k]) for k, v in base_source.items()}
-
-    missing_lora = {k: shapes[k] for k in lora_names if k not in values}
-    for k, v in lora_lib.init_lora(missing_lora, seed=lora_seed).items():
-        values[k] = _place(v, targets[k].dtype, shardings[k])
-
-    model = nnx.merge(*nnx.split(abstract))  # a concrete module whose arrays we now fill
-    lora_lib.set_params(model, values)
-    return model
+    lora_names = {k for k in targets if k.endswith((".lora_A", ".lora_B"))}
+    want = {"base": _nest({k: v for k, v in targets.items() if k not in lora_names})}
+    if lora:
+        want["lora"] = _nest({k: targets[k] for k in lora_names})
+    ckptr = ocp.StandardCheckpointer()
+    # strict=False lets the restore skip what was not asked for, but it would also pad or cut an
+    # array whose stored shape differs from the config's: check the shapes first.
+    stored = {k: tuple(v.shape) for part in ckptr.metadata(path.absolute() / "params").item_metadata.tree.values()
+              for k, v in _flatten(part).items()}
+    wrong = [f"{k}: stored {stored[k]}, the config makes {tuple(targets[k].shape)}" for k in targets
+             if k in stored and stored[k] != tuple(targets[k].shape)]
+    if wrong:
+        raise ValueError(f"{path}: weights do not fit the config in {META_FILE}: " + "; ".join(wrong[:5]))
+    restored = ckptr.restore(path.absolute() / "params", want, strict=False)
+    values = _flatten(restored["base"])
+    values.update(_flatten(restored.get("lora", {})))
+    return values

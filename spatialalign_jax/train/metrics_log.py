@@ -25,7 +25,7 @@ from typing import Any, Mapping, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import write_text_atomic
+from spatialalign_jax.common.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tb"

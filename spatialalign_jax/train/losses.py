@@ -34,7 +34,7 @@ Array = Any
 
 LOSS_KINDS = ("dpo_zo", "dpo", "dpo_sft", "sft", "dpo_random_pairs")
 
-# How the data side (spatialalign_jax.data.PairSampler) builds a batch for each loss kind.
+# How the data side (spatialalign_jax.train.pairs.PairSampler) builds a batch for each loss kind.
 PAIRING = {
     "dpo_zo": "threshold",
     "dpo": "threshold",

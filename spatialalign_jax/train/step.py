@@ -18,10 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from . import schedule
+from spatialalign_jax.model.lora import BASE, LORA
+from spatialalign_jax.model.sharding import replicated
+from spatialalign_jax.sample import schedule
+
 from .losses import check_kind, preference_loss
-from .lora import BASE, LORA
-from .sharding import replicated
 
 Batch = Mapping[str, jax.Array]
 NOISE_KEYS = ("eps_w", "eps_l", "sigma")

@@ -1,7 +1,7 @@
 """The small layers of the Wan transformer: a linear layer that can carry a LoRA adapter, and norms.
 
 Parameters keep diffusers' names (`kernel` = transposed `weight`, `scale` = norm `weight`) so that
-conversion is a transpose and a rename (`spatialalign_jax.params`).
+conversion is a transpose and a rename (`spatialalign_jax.model.params`).
 """
 
 from __future__ import annotations

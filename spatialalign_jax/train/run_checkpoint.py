@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# A format name written into every checkpoint's meta (the module's path before the package had layers): keep it.
 META_FORMAT = "spatialalign_jax.run_checkpoint"
 META_VERSION = 1
 ITEMS = ("lora", "opt_state", "meta")

@@ -6,7 +6,7 @@ text encoded (``text_len > 0``). A store the scorer is still writing is therefor
 what is not finished is not used. ``PairSampler.refresh()`` re-reads the labels to pick up newly
 scored samples.
 
-Pairing rules (``PAIRINGS``; ``spatialalign_jax.losses.pairing_for(kind)`` names the one each
+Pairing rules (``PAIRINGS``; ``spatialalign_jax.train.losses.pairing_for(kind)`` names the one each
 loss kind trains on):
 
 - ``threshold`` (dpo_zo, dpo, dpo_sft): winner DSR >= tau_train, loser valid with DSR < tau_train;
@@ -40,9 +40,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from scoring.dsr import DSR_TYPES  # numpy only: the one table of DSR types
-from spatialalign_jax.atomic import atomic_output
-from spatialalign_jax.store import Status, Store, StoreError, create_store
+from spatialalign_jax.common.atomic import atomic_output
+from spatialalign_jax.common.dsr_types import DSR_TYPES
+from spatialalign_jax.common.store import Status, Store, StoreError, create_store
 
 TAU_TRAIN = 0.7
 PAIRINGS = ("threshold", "random", "top2")

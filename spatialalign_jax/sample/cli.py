@@ -6,7 +6,7 @@
         [--dtype bfloat16|float32] [--use-lora]
 
 For every prompt of this shard and every sample slot still without latents (``seed == -1``), the
-sampler (``spatialalign_jax.sampler``) turns the prompt's stored text embedding, zero-padded to
+sampler (``spatialalign_jax.sample.sampler``) turns the prompt's stored text embedding, zero-padded to
 the store's ``max_text_len``, into latents, with the stored negative-prompt embedding for CFG, and
 ``Store.write_latents`` stores them with their seed (written last: the commit marker). A rerun
 skips finished samples, so an interrupted run resumes where it stopped. The first run records its
@@ -41,12 +41,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from spatialalign_jax.common.atomic import write_text_atomic
+from spatialalign_jax.common.store import SPLITS, Store, StoreError, shard_arg
+from spatialalign_jax.model.attention import IMPLEMENTATIONS
+
 from . import schedule
-from .atomic import write_text_atomic
-from .attention import IMPLEMENTATIONS
 from .sampler import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MAX_SEED, NOISE_SOURCES, SOLVERS, check_seeds,
                       pad_text, sample)
-from .store import SPLITS, Store, StoreError, shard_arg
 
 log = logging.getLogger("spatialalign_jax.sample")
 
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nothing to sample in {args.store} (shard {args.shard[0]}/{args.shard[1]}): every slot has latents")
             return 0
 
-        from .checkpoint import load_transformer
-        from .sharding import make_mesh
+        from converters.load import load_transformer
+        from spatialalign_jax.model.sharding import make_mesh
 
         try:
             mesh = make_mesh(args.mesh) if args.mesh else None

@@ -19,17 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .atomic import file_in_the_way
-from .checkpoint import load_transformer, save_checkpoint
-from .data import PairSampler, make_synthetic_store
+from converters.load import load_transformer
+from spatialalign_jax.common.atomic import file_in_the_way
+from spatialalign_jax.model.checkpoint import save_checkpoint
+from spatialalign_jax.model.lora import BASE, flat_params, set_params
+from spatialalign_jax.model.sharding import make_mesh, microbatch_sharding, param_shardings
+from spatialalign_jax.model.transformer import WanTransformer3DModel
+
 from .losses import pairing_for
-from .lora import BASE, flat_params, set_params
 from .metrics_log import MetricsLogger, ProgressBar
-from .model import WanTransformer3DModel
+from .pairs import PairSampler, make_synthetic_store
 from .run_checkpoint import RunCheckpointer, SigtermGuard
 from .run_config import RunConfig
-from .sharding import make_mesh, microbatch_sharding, param_shardings
-from .train_step import init_train_state, make_optimizer, make_train_step
+from .step import init_train_state, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 from .config import LoraConfig, WanConfig
 
 if TYPE_CHECKING:
-    from .model import WanTransformer3DModel
+    from .transformer import WanTransformer3DModel
 
 FlatParams = dict[str, np.ndarray]
 
@@ -27,7 +27,7 @@ def abstract_model(cfg: WanConfig, lora: LoraConfig | None = None,
     abstract parameter (shape and dtype; LoRA ones included when `lora`)."""
     from flax import nnx
 
-    from .model import WanTransformer3DModel
+    from .transformer import WanTransformer3DModel
 
     model = nnx.eval_shape(lambda: WanTransformer3DModel(cfg, lora=lora, rngs=nnx.Rngs(0), **model_kwargs))
     return model, {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

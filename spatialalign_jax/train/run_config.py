@@ -34,15 +34,16 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .atomic import write_text_atomic
-from .config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
-from .data import TAU_TRAIN
-from .losses import check_kind
-from .store import SPLITS
-from .train_step import StepConfig as _STEP
+from spatialalign_jax.common.atomic import write_text_atomic
+from spatialalign_jax.common.store import SPLITS
+from spatialalign_jax.model.config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
 
-# The smoke run `python run_train.py` uses when given no config.
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+from .losses import check_kind
+from .pairs import TAU_TRAIN
+from .step import StepConfig as _STEP
+
+# The smoke run `python run_train.py` uses when given no config (configs/ at the repository root).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 DTYPES = ("float32", "bfloat16", "float16")
 TIMESTEP_MODES = ("shared", "per_pair")  # one timestep index per batch (SPEC) or per pair
@@ -97,8 +98,8 @@ class ModelSection:
         object.__setattr__(self, "config", config)
 
     def validate(self) -> None:
-        from .attention import IMPLEMENTATIONS
-        from .model import REMAT_POLICIES
+        from spatialalign_jax.model.attention import IMPLEMENTATIONS
+        from spatialalign_jax.model.transformer import REMAT_POLICIES
 
         if self.path is not None and not self.path:
             _fail("model.path", "is empty; give a checkpoint path or null for a random init")
@@ -197,7 +198,7 @@ class TrainSection:
 
 
 def _synthetic_store_params() -> dict[str, inspect.Parameter]:
-    from .data import make_synthetic_store
+    from .pairs import make_synthetic_store
 
     params = dict(inspect.signature(make_synthetic_store).parameters)
     params.pop("path")
@@ -280,7 +281,7 @@ class RunConfig:
         for name in SECTIONS:
             getattr(self, name).validate()
         if self.mesh is not None:
-            from .sharding import parse_mesh
+            from spatialalign_jax.model.sharding import parse_mesh
 
             try:
                 parse_mesh(self.mesh)
@@ -336,7 +337,7 @@ class RunConfig:
         """The transformer's architecture: ``model.config`` for a random init, else read from ``model.path``."""
         if self.model.path is None:
             return WanConfig.from_diffusers(self.model.config)
-        from .checkpoint import is_checkpoint, read_checkpoint_meta
+        from spatialalign_jax.model.checkpoint import is_checkpoint, read_checkpoint_meta
 
         path = Path(self.model.path)
         if is_checkpoint(path):
@@ -357,7 +358,7 @@ class RunConfig:
         return LoraConfig(rank=self.lora.rank, alpha=self.lora.alpha, targets=self.lora.targets)
 
     def step_config(self) -> _STEP:
-        """The loss and optimiser settings as ``spatialalign_jax.train_step.StepConfig``."""
+        """The loss and optimiser settings as ``spatialalign_jax.train.step.StepConfig``."""
         loss, opt = self.loss, self.optim
         return _STEP(
             kind=loss.kind, beta=loss.beta, lam=loss.lam, clip=loss.clip, lam_sft=loss.lam_sft,

@@ -14,7 +14,7 @@ What diffusers' ``WanPipeline`` does between "text embeddings in" and "latents o
   unconditional pass. The combination and the solver run in float32 whatever the model's compute
   dtype (diffusers combines in the transformer's dtype: the same in float32, a rounding apart in
   bfloat16).
-- Solvers, on the timesteps of ``spatialalign_jax.schedule``:
+- Solvers, on the timesteps of ``spatialalign_jax.sample.schedule``:
 
   - ``euler``: ``FlowMatchEulerDiscreteScheduler(shift=shift)``: ``x += (sigma_next - sigma) v``.
   - ``unipc`` (default): ``UniPCMultistepScheduler(prediction_type="flow_prediction",
@@ -39,10 +39,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from spatialalign_jax.common.store import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
+from spatialalign_jax.model.sharding import batch_sharding, replicated
+from spatialalign_jax.model.transformer import WanTransformer3DModel
+
 from . import schedule
-from .model import WanTransformer3DModel
-from .sharding import batch_sharding, replicated
-from .store import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
 
 SOLVERS = ("unipc", "euler")
 # Where a seed's initial noise comes from: JAX's generator, or torch's as WanPipeline draws it.
