@@ -4,6 +4,10 @@ Everything here works on plain `{name: numpy array}` dicts and names; reading fi
 The base-weight mapping follows diffusers' `scripts/convert_wan_to_diffusers.py` (and
 `convert_wan_transformer_to_diffusers` in `diffusers/loaders/single_file_utils.py`), written as
 whole-segment module renames so that it runs both ways.
+
+One file (over 500 lines) on purpose: the LoRA layouts (second half) are the base-weight renames of the
+first half applied to LoRA modules, through the same private tables (`_TOP_LEVEL`, `_IN_BLOCK`,
+`_rename`, musubi's spelling of them); split, those tables would become a cross-module API.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ scores of a folder go to ``OUT/scores/{name}.json``, one file per video. Model f
 Hugging Face folders; nothing is downloaded.
 """
 
+# (Not in the docstring above, which is the CLI's --help.) One file of about 450 lines on purpose: it is
+# the CLI alone (the four commands, their argument parser and the checks that turn bad input into a
+# message before any model loads); the work is in scoring.run, scoring.evaluate and the model modules.
+
 from __future__ import annotations
 
 import argparse

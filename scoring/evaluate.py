@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from scoring.dsr import CORRECTNESS_TAUS, correctness_curve
 from scoring.metrics import correctness_table, dsr_report, plot_correctness, write_json_atomic, write_text_atomic
-from scoring.run import list_videos, load_video_results, record_boxes, result_is_current
+from scoring.video_results import list_videos, load_video_results, record_boxes, result_is_current
 from scoring.video import read_video, video_name
 from spatialalign_jax.common.store import Status, Store
 

@@ -17,13 +17,11 @@ Scale and robustness:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 import traceback
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +33,9 @@ from tqdm.auto import tqdm
 
 from scoring.dsr import dsr_score
 from scoring.metrics import write_json_atomic
-from scoring.video import DEFAULT_FPS, VideoError, parse_video_name, read_video, video_name, write_video
+from scoring.video import DEFAULT_FPS, VideoError, read_video, video_name, write_video
+from scoring.video_results import (VideoItem, list_videos, load_video_results, result_is_current, result_path,
+                                    video_fingerprint)
 from spatialalign_jax.common.store import Status, Store
 
 log = logging.getLogger("scoring")
@@ -300,75 +300,7 @@ def score_store(
                          progress=progress)
 
 
-# -- folder of videos ---------------------------------------------------------------------------------
-
-RESULTS_SUBDIR = "scores"
-
-
-@dataclass(frozen=True)
-class VideoItem:
-    """One mp4 of a video folder, resolved against the prompt table."""
-
-    path: Path
-    prompt: Mapping[str, str] | None  # None: no prompt row matches the file name
-    seed: int | None
-    shard_key: int
-
-    @property
-    def key(self) -> str:
-        return self.path.stem
-
-
-def list_videos(video_dir: str | os.PathLike, prompts: Sequence[Mapping[str, str]]) -> list[VideoItem]:
-    """The ``*.mp4`` files of ``video_dir`` (``{prompt_id}_{seed}.mp4``), sorted by name."""
-    video_dir = Path(video_dir)
-    if not video_dir.is_dir():
-        raise FileNotFoundError(f"video folder {str(video_dir)!r} does not exist")
-    index = {row["prompt_id"]: k for k, row in enumerate(prompts)}
-    items = []
-    for path in sorted(video_dir.glob("*.mp4")):
-        parsed = parse_video_name(path.name, index)
-        if parsed is None:
-            # Unmatched files still get a stable shard so exactly one process reports them.
-            items.append(VideoItem(path, None, None, zlib.crc32(path.stem.encode())))
-        else:
-            pid, seed = parsed
-            items.append(VideoItem(path, prompts[index[pid]], seed, index[pid]))
-    return items
-
-
-def result_path(results_dir: str | os.PathLike, key: str) -> Path:
-    return Path(results_dir) / RESULTS_SUBDIR / f"{key}.json"
-
-
-def load_video_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """All per-video results in ``results_dir``, by video key (file stem)."""
-    out = {}
-    for path in sorted((Path(results_dir) / RESULTS_SUBDIR).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("ignoring unreadable result file %s (%s); its video will be re-scored", path, e)
-            continue
-        out[path.stem] = rec
-    return out
-
-
-def video_fingerprint(path: Path) -> dict[str, int]:
-    """Size and modification time of a video file: a score belongs to the file as it was then."""
-    st = path.stat()
-    return {"video_size": st.st_size, "video_mtime_ns": st.st_mtime_ns}
-
-
-def result_is_current(rec: Mapping[str, Any], path: Path) -> bool:
-    """Whether a result record still describes the file at ``path`` (records without a fingerprint
-    predate it and are trusted)."""
-    if "video_size" not in rec:
-        return True
-    try:
-        return video_fingerprint(path) == {k: rec.get(k) for k in ("video_size", "video_mtime_ns")}
-    except OSError:
-        return False
+# -- folder of videos (results: video_results.py) -------------------------------------------------------
 
 
 def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
@@ -390,14 +322,6 @@ def _record(item: VideoItem, result: ItemResult) -> dict[str, Any]:
         "boxes_animal": result.boxes_animal,
         "boxes_object": result.boxes_object,
     }
-
-
-def record_boxes(rec: Mapping[str, Any], name: str) -> np.ndarray | None:
-    """A result record's (T, 4) boxes with NaN rows, or None."""
-    rows = rec.get(name)
-    if rows is None:
-        return None
-    return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float32).reshape(-1, 4)
 
 
 def _folder_videos(items: Sequence[VideoItem], results_dir: str | os.PathLike,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from scoring.dsr import dsr_score
-from scoring.run import load_video_results, record_boxes, score_store, score_video_dir
+from scoring.run import score_store, score_video_dir
+from scoring.video_results import load_video_results, record_boxes
 from spatialalign_jax.common.store import parse_shard
 from scoring.video import write_video
 from scoring_fakes import (

@@ -15,17 +15,17 @@ that read as floats, because YAML 1.1 reads ``1e-4`` (no dot) as a string.
 
 Unknown keys, wrong types and invalid values raise ``RunConfigError`` naming the key, its source
 (file or override) and the valid choices. Relative paths are relative to the working directory.
+
+The sections and their checks are in `run_sections.py`, the typed-value machinery they share in
+`config_fields.py`; this module is the tree: `RunConfig`, reading YAML, ``--set`` and building.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
-import math
 import os
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -35,235 +35,16 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from spatialalign_jax.common.atomic import write_text_atomic
-from spatialalign_jax.common.store import SPLITS
-from spatialalign_jax.model.config import DEFAULT_LORA_TARGETS, LoraConfig, WanConfig
+from spatialalign_jax.model.config import LoraConfig, WanConfig
 
-from .losses import check_kind
-from .pairs import TAU_TRAIN
+from .config_fields import RunConfigError, _coerce, _default_of, _fail, _flatten, _is_dict_field
+from .run_sections import (  # noqa: F401  (the sections are importable from here too)
+    DTYPES, NOISE_MODES, SECTIONS, TIMESTEP_MODES, TOP_LEVEL_FIELDS, DataSection, LoraSection, LossSection,
+    ModelSection, OptimSection, RunSection, TrainSection)
 from .step import StepConfig as _STEP
 
 # The smoke run `python run_train.py` uses when given no config (configs/ at the repository root).
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-
-DTYPES = ("float32", "bfloat16", "float16")
-TIMESTEP_MODES = ("shared", "per_pair")  # one timestep index per batch (SPEC) or per pair
-NOISE_MODES = ("independent", "shared")  # winner and loser noise: independent (SPEC) or the same draw
-
-
-class RunConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the key, where it was set and the fix."""
-
-    def __init__(self, message: str, *, key: str | None = None, source: str | None = None,
-                 detail: str | None = None) -> None:
-        super().__init__(message)
-        self.key, self.source, self.detail = key, source, detail
-
-
-def _fail(key: str, message: str, source: str | None = None) -> typing.NoReturn:
-    where = f" (from {source})" if source else ""
-    raise RunConfigError(f"{key}{where}: {message}", key=key, source=source, detail=message)
-
-
-def _one_of(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        _fail(key, f"{value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-
-
-def _at_least(key: str, value: float, low: float, *, strict: bool = False) -> None:
-    if not math.isfinite(value):  # NaN compares false with everything: it would pass the bound below
-        _fail(key, f"must be a finite number, got {value!r}")
-    if value < low or (strict and value == low):
-        _fail(key, f"must be {'>' if strict else '>='} {low}, got {value!r}")
-
-
-# -- sections ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    path: str | None = None  # diffusers transformer folder, original Wan checkpoint or converted checkpoint
-    config: dict[str, Any] = field(default_factory=dict)  # WanConfig fields for a random init (path null)
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "bfloat16"  # frozen base weights; LoRA weights are always fp32
-    attention: str = "auto"
-    remat: str = "attention_kernel"
-    scan_unroll: int = 1  # blocks per scan iteration (1: one compiled block; num_layers: fully unrolled)
-    init_seed: int = 0  # random base weights (path null) and LoRA A matrices
-
-    def __post_init__(self) -> None:
-        # WanConfig does not check types itself: check and normalise here (YAML reads 1e-6 as a string).
-        hints = typing.get_type_hints(WanConfig)
-        config = {name: _coerce(value, hints[name], f"model.config.{name}", None) if name in hints else value
-                  for name, value in dict(self.config).items()}
-        object.__setattr__(self, "config", config)
-
-    def validate(self) -> None:
-        from spatialalign_jax.model.attention import IMPLEMENTATIONS
-        from spatialalign_jax.model.transformer import REMAT_POLICIES
-
-        if self.path is not None and not self.path:
-            _fail("model.path", "is empty; give a checkpoint path or null for a random init")
-        _one_of("model.dtype", self.dtype, DTYPES)
-        _one_of("model.param_dtype", self.param_dtype, DTYPES)
-        _one_of("model.attention", self.attention, IMPLEMENTATIONS)
-        _one_of("model.remat", self.remat, tuple(REMAT_POLICIES))
-        _at_least("model.scan_unroll", self.scan_unroll, 1)
-        try:
-            WanConfig.from_diffusers(self.config)
-        except (TypeError, ValueError) as e:
-            _fail("model.config", str(e))
-
-
-@dataclass(frozen=True)
-class LoraSection:
-    rank: int = 16
-    alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-
-    def validate(self) -> None:
-        _at_least("lora.rank", self.rank, 1)
-        _at_least("lora.alpha", self.alpha, 0, strict=True)
-        if not self.targets:
-            _fail("lora.targets", "is empty: LoRA needs at least one target module (e.g. 'blocks.*.attn2.to_k')")
-
-
-@dataclass(frozen=True)
-class LossSection:
-    # The SPEC values live once, in StepConfig's defaults.
-    kind: str = _STEP.kind
-    beta: float = _STEP.beta
-    lam: float = _STEP.lam  # weight of the zeroth-order regulariser
-    clip: float | None = _STEP.clip  # margin clip; null disables it
-    lam_sft: float = _STEP.lam_sft  # weight of the winner reconstruction term of dpo_sft
-    timestep: str = "shared"
-    noise: str = "independent"
-
-    def validate(self) -> None:
-        try:
-            check_kind(self.kind)
-        except ValueError as e:
-            _fail("loss.kind", str(e))
-        _at_least("loss.beta", self.beta, 0, strict=True)
-        _at_least("loss.lam", self.lam, 0)
-        if self.clip is not None:
-            _at_least("loss.clip", self.clip, 0, strict=True)
-        _at_least("loss.lam_sft", self.lam_sft, 0)
-        _one_of("loss.timestep", self.timestep, TIMESTEP_MODES)
-        _one_of("loss.noise", self.noise, NOISE_MODES)
-
-
-@dataclass(frozen=True)
-class OptimSection:
-    lr: float = _STEP.lr
-    weight_decay: float = _STEP.weight_decay
-    b1: float = _STEP.b1
-    b2: float = _STEP.b2
-    eps: float = _STEP.eps
-    warmup_steps: int = _STEP.warmup_steps
-    total_steps: int = _STEP.total_steps  # nominal length of the cosine; training may stop earlier (train.steps)
-    grad_clip: float | None = _STEP.grad_clip  # global-norm clip; null: none
-
-    def validate(self) -> None:
-        _at_least("optim.lr", self.lr, 0, strict=True)
-        _at_least("optim.weight_decay", self.weight_decay, 0)
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                _fail(f"optim.{name}", f"must be in [0, 1), got {value!r}")
-        _at_least("optim.eps", self.eps, 0, strict=True)
-        _at_least("optim.warmup_steps", self.warmup_steps, 0)
-        if self.total_steps <= self.warmup_steps:
-            _fail("optim.total_steps", f"{self.total_steps} must exceed optim.warmup_steps={self.warmup_steps} "
-                  "(the cosine decays over the steps after the warm-up)")
-        if self.grad_clip is not None:
-            _at_least("optim.grad_clip", self.grad_clip, 0, strict=True)
-
-
-@dataclass(frozen=True)
-class TrainSection:
-    steps: int = 2400  # optimiser steps to run
-    per_device_batch: int = 1  # pairs per device per micro-step
-    grad_accum: int = 12  # micro-steps per optimiser step
-    seed: int = 0  # pair draws, noise and timesteps
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    prefetch: int = 2  # optimiser steps' worth of batches read ahead in a background thread
-
-    def validate(self) -> None:
-        for name in ("steps", "per_device_batch", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "prefetch"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        _at_least("train.seed", self.seed, 0)
-
-
-def _synthetic_store_params() -> dict[str, inspect.Parameter]:
-    from .pairs import make_synthetic_store
-
-    params = dict(inspect.signature(make_synthetic_store).parameters)
-    params.pop("path")
-    return params
-
-
-@dataclass(frozen=True)
-class DataSection:
-    store: str = "data/dsr_train"
-    tau: float = TAU_TRAIN  # winner threshold on the DSR-Score
-    max_text_len: int = 512  # rows the text embeddings are padded to
-    split: str | None = "train"  # prompts of this split of the prompt table; null: all
-    # make_synthetic_store keyword arguments: when set and `store` does not exist, the trainer builds it.
-    synthetic: dict[str, Any] | None = None
-
-    def validate(self) -> None:
-        if not self.store:
-            _fail("data.store", "is empty; give the path of the dataset store")
-        if not 0 < self.tau <= 1:
-            _fail("data.tau", f"must be in (0, 1], got {self.tau!r}")
-        _at_least("data.max_text_len", self.max_text_len, 1)
-        if self.split is not None and self.split not in SPLITS:
-            _fail("data.split", f"must be one of {list(SPLITS)} or null (every prompt), got {self.split!r}")
-        if self.synthetic is not None:
-            known = _synthetic_store_params()
-            unknown = sorted(set(self.synthetic) - set(known))
-            if unknown:
-                _fail("data.synthetic", f"unknown keys {unknown}; valid keys: {', '.join(known)}")
-            for name, value in self.synthetic.items():  # whole numbers; latent_shape a list of them
-                ints = value if name == "latent_shape" else [value]
-                if (not isinstance(ints, (list, tuple)) or not ints
-                        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints)):
-                    kind = "a list of whole numbers" if name == "latent_shape" else "a whole number >= 0"
-                    _fail(f"data.synthetic.{name}", f"must be {kind}, got {value!r}")
-
-    def synthetic_kwargs(self) -> dict[str, Any]:
-        """The synthetic store's full arguments: ``data.synthetic`` over make_synthetic_store's defaults."""
-        if self.synthetic is None:
-            return {}
-        defaults = {k: p.default for k, p in _synthetic_store_params().items()}
-        return {**defaults, **self.synthetic}
-
-
-@dataclass(frozen=True)
-class RunSection:
-    dir: str = "runs/spatialalign"  # checkpoints, metrics, TensorBoard events, the saved config
-    name: str = "spatialalign"
-
-    def validate(self) -> None:
-        if not self.dir:
-            _fail("run.dir", "is empty; give the run's output folder")
-        if not self.name:
-            _fail("run.name", "is empty")
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelSection,
-    "lora": LoraSection,
-    "loss": LossSection,
-    "optim": OptimSection,
-    "train": TrainSection,
-    "data": DataSection,
-    "run": RunSection,
-}
-TOP_LEVEL_FIELDS = ("mesh",)
 
 
 @dataclass(frozen=True)
@@ -432,12 +213,6 @@ def _defaults() -> dict[str, Any]:
     return tree
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
-
-
 def _valid_keys(prefix: str) -> str:
     if not prefix:
         return ", ".join(list(SECTIONS) + list(TOP_LEVEL_FIELDS))
@@ -494,90 +269,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str, sources
     sources[field_key] = source
 
 
-def _is_dict_field(cls: type, name: str) -> bool:
-    hint = typing.get_type_hints(cls)[name]
-    return any(typing.get_origin(t) is dict or t is dict for t in _union_members(hint))
-
-
-def _union_members(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-_NO_MATCH = object()
-
-
-def _match(value: Any, t: Any) -> Any:
-    """``value`` normalised to the type ``t`` (ints to floats, lists to tuples), or ``_NO_MATCH``."""
-    origin = typing.get_origin(t) or t
-    if origin in (typing.Union, types.UnionType):
-        for member in typing.get_args(t):
-            out = _match(value, member)
-            if out is not _NO_MATCH:
-                return out
-        return _NO_MATCH
-    if t is type(None):
-        return None if value is None else _NO_MATCH
-    if t is Any:
-        return value
-    if t is bool:
-        return value if isinstance(value, bool) else _NO_MATCH
-    if t is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_MATCH
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _NO_MATCH
-        return _NO_MATCH
-    if t is str:
-        return value if isinstance(value, str) else _NO_MATCH
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return _NO_MATCH
-        args = typing.get_args(t)
-        element_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(element_types) != len(value):
-            return _NO_MATCH
-        out = tuple(_match(v, et) for v, et in zip(value, element_types))
-        return _NO_MATCH if any(o is _NO_MATCH for o in out) else out
-    if origin is dict:
-        ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
-        return dict(value) if ok else _NO_MATCH
-    raise TypeError(f"run_config cannot check values of type {t!r}")
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str | None) -> Any:
-    """``value`` checked against the field's type hint and normalised; a mismatch names the key."""
-    out = _match(value, hint)
-    if out is not _NO_MATCH:
-        return out
-    if value is None:
-        _fail(key, f"must not be null; expected {_type_name(hint)}", source)
-    tip = (" (quote it to make a number a string)"
-           if str in _union_members(hint) and isinstance(value, (int, float)) else "")
-    _fail(key, f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}{tip}", source)
-
-
-def _type_name(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}
-    out = []
-    for t in _union_members(hint):
-        origin = typing.get_origin(t) or t
-        if origin is tuple:
-            args = typing.get_args(t)
-            what = _type_name(args[0]).removeprefix("an ").removeprefix("a ")
-            out.append(f"a list of {what}s" if len(args) == 2 and args[1] is Ellipsis
-                       else f"a list of {len(args)} {what}s")
-        else:
-            out.append(names.get(t) or {dict: "a mapping"}.get(origin, str(t)))
-    return " or ".join(out)
-
-
 def _build(tree: Mapping[str, Any], sources: Mapping[str, str]) -> RunConfig:
     kwargs: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
@@ -600,12 +291,3 @@ def _build(tree: Mapping[str, Any], sources: Mapping[str, str]) -> RunConfig:
         _fail(e.key, e.detail or str(e), source)
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and prefix.count(".") < 2:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
