@@ -43,6 +43,8 @@ LAYERS: dict[str, Layer] = {
     "common": Layer(("spatialalign_jax.common",), 0, "store layout and I/O, atomic writes, DSR type table; "
                     "stdlib, numpy, yaml, tensorstore only", forbidden=JAX_AND_TORCH),
     "world": Layer(("spatialalign_jax.world",), 1, "numpy-only layer over common", forbidden=JAX_AND_TORCH),
+    "dataset": Layer(("spatialalign_jax.dataset",), 1, "the DSR-Dataset prompt generator over common",
+                     forbidden=JAX_AND_TORCH),
     "model": Layer(("spatialalign_jax.model",), 2, "the Flax transformer, LoRA, sharding, converted checkpoints"),
     "converters": Layer(("converters",), 3, "weights in and out; `load_transformer`"),
     "sample": Layer(("spatialalign_jax.sample",), 4, "schedule, sampler, `python -m spatialalign_jax.sample`"),

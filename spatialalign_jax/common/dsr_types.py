@@ -41,3 +41,11 @@ def get_dsr_type(name: str) -> DsrType:
         return DSR_TYPES[name]
     except KeyError:
         raise ValueError(f"unknown DSR type {name!r}; the types are {sorted(DSR_TYPES)}") from None
+
+
+def dsr_prompt(scene: str, animal: str, obj: str, dsr_type: str, verb: str) -> str:
+    """The SPEC section 2 template: ``{scene}, a {animal} is {initial} a {object}, then the {animal}
+    {verb} {final} the {object}.``"""
+    t = get_dsr_type(dsr_type)
+    return (f"{scene}, a {animal} is {t.initial_phrase} a {obj}, then the {animal} {verb} {t.final_phrase} "
+            f"the {obj}.")
