@@ -245,15 +245,28 @@ def _check_video_folder(videos: str) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from scoring.run import score_store, score_video_dir
     shard = args.shard
+    if args.world:
+        given = [f"--{k}" for k in ("vae", "detector", "tracker") if getattr(args, k) is not None]
+        if given or not args.store:
+            raise CliError("score --world scores a store of the synthetic world with its own decoder, detector and "
+                           f"tracker: give --store and none of {', '.join(given) or '--vae/--detector/--tracker'}")
+    elif args.detector is None or args.tracker is None:
+        raise CliError("score needs --detector and --tracker (Grounding DINO and SAM 2 folders), or --world")
     if args.store:
-        if args.vae is None:
+        if args.vae is None and not args.world:
             raise CliError("score --store needs --vae (the Wan VAE folder that decodes the latents)")
         store = Store.open(args.store, mode="r+")
-        _check_model_path(args.vae, "--vae")
-        _check_score_models(args)
-        device, dtype = _device_and_dtype(args)
-        decode = _load_decoder(args.vae, store, device, dtype)
-        detector, tracker = _load_detector_tracker(args, device, dtype)
+        if args.world:
+            from scoring.world import WorldDecoder, detector_and_tracker
+
+            decode = WorldDecoder()
+            detector, tracker = detector_and_tracker()
+        else:
+            _check_model_path(args.vae, "--vae")
+            _check_score_models(args)
+            device, dtype = _device_and_dtype(args)
+            decode = _load_decoder(args.vae, store, device, dtype)
+            detector, tracker = _load_detector_tracker(args, device, dtype)
         summary = score_store(store, detector, tracker, decode, shard=shard, retry_failed=args.retry_failed,
                               mp4_dir=args.mp4_dir, plots_dir=args.plots, progress=not args.no_progress)
     else:
@@ -339,6 +352,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------------------
 
 
+def cmd_world_text_encoder(args: argparse.Namespace) -> int:
+    from scoring.world import build_text_encoder
+
+    print(f"wrote the world's text encoder to {build_text_encoder(args.out)}")
+    return 0
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=str.strip, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--half", action="store_true", help="half-precision weights and activations on CUDA (bfloat16, or float16 on cards without it)")
@@ -398,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csv(p)
     p.add_argument("--out", help="results folder for --videos (OUT/scores/{name}.json)")
     p.add_argument("--vae", help="Wan VAE folder (AutoencoderKLWan) for --store")
-    _add_detection(p, required=True)
+    _add_detection(p, required=False)
+    p.add_argument("--world", action="store_true",
+                   help="a store of the synthetic world: its pixel decoder and colour detector / tracker")
     p.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/n: score the prompts with index %% n == i")
     p.add_argument("--retry-failed", action="store_true", help="re-score samples with a failure status")
     p.add_argument("--num-frames", type=int, default=None, help="--videos: required frame count (81 for Wan2.1)")
@@ -422,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="--store: decode latents for the quality metrics instead")
     _add_runtime(p)
     p.set_defaults(func=cmd_evaluate, split=None)
+
+    p = sub.add_parser("world-text-encoder", help="write the synthetic world's tiny umT5 and tokenizer to a folder")
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_world_text_encoder)
     return parser
 
 

@@ -18,31 +18,17 @@ validity rules count it as a wrong label.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from scoring.loading import load_pretrained, load_processor
+# The interface every detector implements (the colour detector of the synthetic world too).
+from spatialalign_jax.common.detection import Detection, Detector, check_frames  # noqa: F401
 
 BOX_THRESHOLD = 0.4
 TEXT_THRESHOLD = 0.3
-
-
-class Detection(NamedTuple):
-    """One detected box: its label, ``(x0, y0, x1, y1)`` in pixels of the input frame, its score."""
-
-    label: str
-    box: np.ndarray  # (4,) float32
-    score: float
-
-
-class Detector(Protocol):
-    """What the validity rules need from a detector (the Grounding DINO one or a test fake)."""
-
-    def detect(self, frames: np.ndarray, animal: str, obj: str) -> list[list[Detection]]:
-        """Detections per frame of ``frames`` (T, H, W, 3) uint8, labelled ``animal``/``obj`` on a match."""
-        ...
 
 
 def normalize_label(text: str) -> str:
@@ -55,17 +41,6 @@ def normalize_label(text: str) -> str:
 def detection_text(animal: str, obj: str) -> str:
     """The Grounding DINO query of SPEC section 4: ``"{animal}. {object}."`` (lower case, as trained)."""
     return f"{animal.strip().lower()}. {obj.strip().lower()}."
-
-
-def check_frames(frames: np.ndarray) -> np.ndarray:
-    """``frames`` as a (T, H, W, 3) uint8 array, or a clear error."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
-        raise ValueError(
-            f"frames must be a (T, H, W, 3) uint8 array of T >= 1 RGB frames, got shape {frames.shape} "
-            f"dtype {frames.dtype}"
-        )
-    return frames
 
 
 class GroundingDinoDetector:

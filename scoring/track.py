@@ -19,27 +19,16 @@ import os
 import tempfile
 from contextlib import closing
 from pathlib import Path
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from scoring.detect import check_frames
+from spatialalign_jax.common.detection import Tracker  # noqa: F401  (the interface the trackers implement)
 from scoring.loading import device_and_dtype, load_pretrained, load_processor
 
 BACKENDS = ("transformers", "sam2")
-
-
-class Tracker(Protocol):
-    def track(
-        self, frames: np.ndarray, start_frame: int, boxes: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Boxes per frame, ``{name: (T, 4) float32}``, NaN rows where the mask is empty.
-
-        ``frames`` is (T, H, W, 3) uint8; ``boxes`` maps each object's name to its
-        ``(x0, y0, x1, y1)`` pixel box on ``start_frame``.
-        """
-        ...
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

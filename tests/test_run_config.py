@@ -13,6 +13,7 @@ from spatialalign_jax.train.run_config import (DEFAULT_CONFIG_PATH, RunConfig, R
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "configs" / "wan2.1_t2v_1.3b.yaml"
+TINY = REPO / "configs" / "tiny.yaml"
 
 
 def _write(tmp_path, data, name="run.yaml"):
@@ -41,14 +42,27 @@ def test_reference_config_matches_spec():
     cfg = load_run_config(REFERENCE, [])
     # Only the paths, names and the mesh differ from the SPEC defaults.
     changed = {line.split(":")[0] for line in cfg.diff(RunConfig())}
-    assert changed == {"model.path", "run.dir", "run.name", "mesh"}
+    assert changed == {"model.path", "run.dir", "run.name", "mesh", "loop.train_csv", "loop.test_csv",
+                       "loop.text_encoder", "loop.vae", "loop.detector", "loop.tracker", "loop.scorers"}
+    assert not cfg.loop.enabled  # the loop's stages run only when asked for
     assert cfg.mesh == "data=1,fsdp=4" and cfg.data.store == "data/dsr_train"
     assert cfg.pairs_per_step(4) == 48
 
 
-def test_tiny_config_is_the_default_and_self_contained():
-    assert DEFAULT_CONFIG_PATH == REPO / "configs" / "tiny.yaml"
+def test_world_loop_is_the_default():
+    assert DEFAULT_CONFIG_PATH == REPO / "configs" / "world.yaml"
     cfg = load_run_config(DEFAULT_CONFIG_PATH, [])
+    assert cfg.loop.enabled and cfg.loop.world and cfg.model.path is None  # the world's shipped reference model
+    assert cfg.loss.kind == "dpo_zo" and (cfg.loss.beta, cfg.loss.lam, cfg.loss.clip) == (1.0, 0.5, 5.0)  # SPEC
+    assert cfg.data.tau == 0.7 and (cfg.lora.rank, cfg.lora.alpha) == (16, 16.0)
+    with pytest.raises(RunConfigError, match="multiples of 6"):
+        load_run_config(DEFAULT_CONFIG_PATH, ["loop.train_prompts=10"])
+    with pytest.raises(RunConfigError, match="loop.solver"):
+        load_run_config(DEFAULT_CONFIG_PATH, ["loop.solver=heun"])
+
+
+def test_tiny_config_is_self_contained():
+    cfg = load_run_config(TINY, [])
     assert cfg.model.path is None and cfg.mesh is None and cfg.data.synthetic is not None
     wan = cfg.wan_config()
     assert (wan.num_layers, wan.num_attention_heads, wan.attention_head_dim, wan.text_dim) == (2, 2, 32, 64)
@@ -81,7 +95,7 @@ def test_floats_written_without_a_dot_are_numbers(tmp_path):
 
 
 def test_round_trip_through_dict_yaml_and_json(tmp_path):
-    cfg = load_run_config(DEFAULT_CONFIG_PATH, ["loss.kind=dpo", "optim.grad_clip=1.0"])
+    cfg = load_run_config(TINY, ["loss.kind=dpo", "optim.grad_clip=1.0"])
     d = cfg.to_dict()
     assert RunConfig.from_dict(json.loads(json.dumps(d))) == cfg
     cfg.save_yaml(tmp_path / "sub" / "config.yaml")
@@ -101,7 +115,7 @@ def test_step_config_maps_loss_and_optim():
 
 @pytest.mark.parametrize("override, fragments", [
     ("train.stepz=1", ["train.stepz", "--set train.stepz=1", "valid keys: steps, per_device_batch"]),
-    ("bogus=1", ["'bogus'", "valid top-level keys: model, lora, loss, optim, train, data, run, mesh"]),
+    ("bogus=1", ["'bogus'", "valid top-level keys: model, lora, loss, optim, train, data, run, loop, mesh"]),
     ("train.steps=abc", ["train.steps", "expected an integer", "'abc'"]),
     ("train.steps=1.5", ["train.steps", "expected an integer"]),
     ("train.steps=0", ["train.steps", "must be >= 1"]),
@@ -171,7 +185,7 @@ def test_warnings(tmp_path):
     with pytest.warns(UserWarning, match="exceeds optim.total_steps"):
         load_run_config(None, ["train.steps=4000"])
     with pytest.warns(UserWarning, match="model.config is ignored"):
-        load_run_config(DEFAULT_CONFIG_PATH, [f"model.path={tmp_path}"])
+        load_run_config(TINY, [f"model.path={tmp_path}"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_run_config(REFERENCE, [])

@@ -40,11 +40,12 @@ from spatialalign_jax.model.config import LoraConfig, WanConfig
 from .config_fields import RunConfigError, _coerce, _default_of, _fail, _flatten, _is_dict_field
 from .run_sections import (  # noqa: F401  (the sections are importable from here too)
     DTYPES, NOISE_MODES, SECTIONS, TIMESTEP_MODES, TOP_LEVEL_FIELDS, DataSection, LoraSection, LossSection,
-    ModelSection, OptimSection, RunSection, TrainSection)
+    LoopSection, ModelSection, OptimSection, RunSection, TrainSection)
 from .step import StepConfig as _STEP
 
-# The smoke run `python run_train.py` uses when given no config (configs/ at the repository root).
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+# What `python run_train.py` runs when given no config: the synthetic-world loop (configs/ at the
+# repository root).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "world.yaml"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     run: RunSection = field(default_factory=RunSection)
+    loop: LoopSection = field(default_factory=LoopSection)
     mesh: str | None = None  # "data=D,fsdp=F"; null: all devices on fsdp
 
     def __post_init__(self) -> None:

@@ -198,6 +198,55 @@ class RunSection:
             _fail("run.name", "is empty")
 
 
+@dataclass(frozen=True)
+class LoopSection:
+    """The whole loop as stages (``spatialalign_jax.loop``): with ``enabled``, ``run_train.py`` runs
+    prompts -> encode -> sample -> score -> train -> export -> sample_test -> score_test -> evaluate
+    in ``run.dir`` instead of training on an existing ``data.store``."""
+
+    enabled: bool = False
+    world: bool = False  # the synthetic world: its prompts, text encoder, reference model, colour detector
+    train_csv: str | None = None  # real models: training prompts (`python -m spatialalign_jax.dataset` makes them)
+    test_csv: str | None = None  # real models: test prompts (e.g. scoring/reference/eval120.csv)
+    train_prompts: int = 48  # world: DPO prompts, drawn from the train triples
+    test_prompts: int = 48  # world: held-out prompts, from the test triples
+    seed: int = 0  # the training samples' seeds (and, in the world, the prompts' scenes and verbs)
+    samples_per_prompt: int = 10  # SPEC: 500 prompts x 10 samples
+    test_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # SPEC: seeds 0-4
+    latent_shape: tuple[int, ...] = (16, 21, 60, 104)  # real models: 81 x 480 x 832 video (the world has its own)
+    text_dim: int = 4096  # real models: umT5-XXL (the world's tiny umT5 has its own)
+    text_encoder: str | None = None  # umT5 folder or a Wan diffusers root (world: its own)
+    vae: str | None = None
+    detector: str | None = None
+    tracker: str | None = None
+    half: bool = False  # scorers in half precision
+    scorers: int = 1  # scoring processes side by side, each on a shard of a store
+    sample_steps: int = 50
+    guidance: float = 5.0
+    shift: float = 5.0
+    solver: str = "unipc"
+    sample_batch: int = 1
+    # A finished loop's run folder whose training store (samples and scores) and reference test samples
+    # this run reads instead of making its own: ablations that differ from the train stage on.
+    reuse: str | None = None
+
+    def validate(self) -> None:
+        for name in ("train_prompts", "test_prompts", "samples_per_prompt", "scorers", "sample_steps", "sample_batch"):
+            _at_least(f"loop.{name}", getattr(self, name), 1)
+        if self.world and (self.train_prompts % 6 or self.test_prompts % 6):
+            _fail("loop.train_prompts", f"world prompt counts must be multiples of 6 (one share per DSR type), got "
+                  f"{self.train_prompts} train and {self.test_prompts} test")
+        if not self.test_seeds:
+            _fail("loop.test_seeds", "is empty; give the seeds every test prompt is sampled with, e.g. [0, 1, 2, 3, 4]")
+        if len(self.latent_shape) != 4:
+            _fail("loop.latent_shape", f"must be [channels, frames, height, width], got {list(self.latent_shape)}")
+        _at_least("loop.guidance", self.guidance, 0)
+        _at_least("loop.shift", self.shift, 0, strict=True)
+        from spatialalign_jax.sample.sampler import SOLVERS
+
+        _one_of("loop.solver", self.solver, SOLVERS)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "lora": LoraSection,
@@ -206,5 +255,6 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "data": DataSection,
     "run": RunSection,
+    "loop": LoopSection,
 }
 TOP_LEVEL_FIELDS = ("mesh",)

@@ -1,0 +1,165 @@
+"""The loop's report: reference against fine-tuned on the held-out prompts, as the paper's Table 2
+and Figure 7a compare them.
+
+Writes into ``RUN/report/``:
+
+- ``summary.json``: ``{"reference": {"correctness": {"0.0": ..., ..., "0.9": ...}, "valid_rate": ...},
+  "finetuned": {...}}`` and nothing else (the interface scripts read);
+- ``report.md``: the Correctness@tau table, Correctness@0.7 per DSR type, invalid videos by reason,
+  and, where the loop ran the quality models, ID consistency and CLIP-IQA;
+- ``correctness.png``: both Correctness@tau curves; ``samples.png``: the same prompts and seeds,
+  reference above fine-tuned, one column per frame step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from spatialalign_jax.common.atomic import atomic_path, write_text_atomic
+from spatialalign_jax.common.dsr_types import DSR_TYPES
+from spatialalign_jax.common.store import Store
+from spatialalign_jax.common.store_layout import Status
+
+MODELS = {"reference": "test_reference", "finetuned": "test_finetuned"}
+TAUS = tuple(round(i / 10, 1) for i in range(10))
+HEADLINE = "0.7"
+
+
+def store_results(store: Store) -> dict[str, Any]:
+    """Correctness@tau (invalid and unscored samples count in the denominator, SPEC 3), the valid
+    rate, Correctness@0.7 per type and the invalid samples per reason."""
+    dsr = store.read_dsr().astype(np.float64)
+    status = store.read_status()
+    types = np.array([row["type"] for row in store.prompts])[:, None].repeat(dsr.shape[1], 1)
+    passed = lambda tau, mask=slice(None): float(np.mean(np.nan_to_num(dsr[mask], nan=-1.0) >= tau))  # noqa: E731
+    valid = (status == Status.VALID) & np.isfinite(dsr)
+    reasons: dict[str, int] = {}
+    for code, n in zip(*np.unique(status[~valid], return_counts=True)):
+        reasons[Status(int(code)).name] = int(n)
+    return {
+        "correctness": {f"{t:.1f}": passed(t) for t in TAUS},
+        "valid_rate": float(valid.mean()),
+        "by_type": {t: passed(0.7, types == t) for t in DSR_TYPES if (types == t).any()},
+        "invalid": reasons,
+        "num_samples": int(dsr.size),
+    }
+
+
+def _table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    names = list(results)
+    lines = ["| tau | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in TAUS:
+        key = f"{t:.1f}"
+        lines.append(f"| {key} | " + " | ".join(f"{100 * results[n]['correctness'][key]:.1f}%" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _by_type(results: Mapping[str, Mapping[str, Any]]) -> str:
+    names = list(results)
+    lines = ["| type | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in DSR_TYPES:
+        if all(t in results[n]["by_type"] for n in names):
+            lines.append(f"| {t} | " + " | ".join(f"{100 * results[n]['by_type'][t]:.1f}%" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _invalid(results: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = []
+    for name, r in results.items():
+        reasons = ", ".join(f"{k} {v}" for k, v in r["invalid"].items()) or "none"
+        lines.append(f"- {name}: {sum(r['invalid'].values())} of {r['num_samples']} invalid ({reasons})")
+    return "\n".join(lines)
+
+
+def _quality(quality: Mapping[str, Mapping[str, float]] | None) -> str:
+    if not quality:
+        return ("ID consistency and CLIP-IQA: not computed (set loop.dinov2 and loop.clip; the synthetic world "
+                "has no models for them).")
+    names = list(quality)
+    metrics = sorted({m for q in quality.values() for m in q})
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in metrics:
+        lines.append(f"| {m} | " + " | ".join(f"{quality[n].get(m, float('nan')):.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for name, r in results.items():
+        ax.plot(TAUS, [100 * r["correctness"][f"{t:.1f}"] for t in TAUS], marker="o", ms=3, label=name)
+    ax.axvline(0.7, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="tau (DSR-Score threshold)", ylabel="Correctness@tau (%)", xlim=(-0.02, 0.92), ylim=(0, 100),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def save_strip(rows: list[np.ndarray], labels: list[str], path: Path, scale: int = 3) -> None:
+    """Stacks (H, W*k, 3) uint8 rows into one PNG, each row with its label in the margin."""
+    from PIL import Image, ImageDraw
+
+    strip = np.concatenate(rows, axis=0)
+    strip = np.kron(strip, np.ones((scale, scale, 1), np.uint8))
+    margin = 150
+    canvas = Image.new("RGB", (strip.shape[1] + margin, strip.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(strip), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = strip.shape[0] // len(rows)
+    for i, label in enumerate(labels):
+        draw.text((4, i * row_h + row_h // 2 - 10), label, fill=(0, 0, 0))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def sample_strip(paths, frames_for, num_prompts: int = 4, frame_step: int = 4) -> None:
+    """samples.png: for the first test prompts at their first seed, reference over fine-tuned."""
+    stores = {name: Store.open(paths.store(store)) for name, store in MODELS.items()}
+    rows, labels = [], []
+    ref = stores["reference"]
+    for p in range(min(num_prompts, ref.num_prompts)):
+        row = ref.prompts[p]
+        for name, store in stores.items():
+            frames = frames_for(store, p, 0)
+            if frames is None:
+                return
+            rows.append(np.concatenate(list(frames[::frame_step]), axis=1))
+            labels.append(f"{row['type']} {row['animal']}/{row['object']}\n{name}")
+    if rows:
+        save_strip(rows, labels, paths.report / "samples.png")
+
+
+def write_report(rc, paths, frames_for=None, quality: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    results = {name: store_results(Store.open(paths.store(store))) for name, store in MODELS.items()}
+    summary = {name: {"correctness": r["correctness"], "valid_rate": r["valid_rate"]} for name, r in results.items()}
+    report = paths.report
+    report.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
+    (report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_curves(results, report / "correctness.png", f"{rc.run.name}: held-out prompts")
+    if frames_for is not None:
+        sample_strip(paths, frames_for)
+    ref, ft = (results[n]["correctness"][HEADLINE] for n in ("reference", "finetuned"))
+    md = [f"# {rc.run.name}: reference vs fine-tuned on the held-out prompts", "",
+          f"Correctness@0.7: reference {100 * ref:.1f}%, fine-tuned {100 * ft:.1f}% ({100 * (ft - ref):+.1f} points); "
+          f"{results['reference']['num_samples']} samples each (prompts x seeds), invalid ones counted as failures.", "",
+          "## Correctness@tau", "", _table(results), "", "## Correctness@0.7 by DSR type", "", _by_type(results), "",
+          "## Invalid videos", "", _invalid(results), "", "## Quality", "", _quality(quality), "",
+          "![Correctness@tau](correctness.png)", ""]
+    if (report / "samples.png").is_file():
+        md += ["![reference vs fine-tuned, same prompts and seeds](samples.png)", ""]
+    write_text_atomic(report / "report.md", "\n".join(md))
+    return summary
