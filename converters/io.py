@@ -289,21 +289,16 @@ def read_lora(path: str | os.PathLike, *, alpha: float | None = None) -> layouts
 
 
 def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuses an existing destination unless `overwrite`, and one under a file; done before any work.
-    Missing parent folders are fine: the atomic write creates them."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"destination {str(dst)!r} already exists; pass --overwrite to replace it")
-    blocking = atomic.file_in_the_way(dst.parent)
-    if blocking is not None:
-        raise FileExistsError(f"destination {str(dst)!r} lies under {str(blocking)!r}, which is a file; "
-                              "choose another --dst")
-    return dst
+    """The converters' --dst, checked before any work by the project's one rule for outputs
+    (`spatialalign_jax.common.atomic.check_output`): a new path or an empty folder is written, anything
+    else only with --overwrite (and then replaced whole), never a path under a file."""
+    return atomic.check_output(dst, overwrite=overwrite, flag="--overwrite", what="destination")
 
 
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """`spatialalign_jax.common.atomic.atomic_output` behind the converters' destination check: an existing
-    `dst` is refused unless `overwrite`, and a failed conversion leaves nothing behind."""
+    """`spatialalign_jax.common.atomic.atomic_output` behind the converters' destination check (checked
+    again at write time): an existing `dst` other than an empty folder is refused unless `overwrite`,
+    and a failed conversion leaves nothing behind."""
     with atomic.atomic_output(check_destination(dst, overwrite=overwrite)) as tmp:
         yield tmp

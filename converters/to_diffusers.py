@@ -7,7 +7,8 @@ is (keys `transformer.blocks.N.attn2.to_k.lora_A.weight`, alpha kept in the `lor
 entry diffusers' `save_lora_weights` writes). DST is a `.safetensors` path, or a folder that gets
 `pytorch_lora_weights.safetensors`. With --merge: a full `WanTransformer3DModel` folder
 (config.json + safetensors, sharded above --max-shard-size) with W + (alpha/r) B A folded in.
-Either output is written atomically.
+Either output is written atomically. DST may be new or an empty folder; anything else there is
+refused unless --overwrite, which replaces all of it (the same rule as converters.to_flax).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def _save_lora_file(path: Path, layers: Mapping[str, Any], metadata: Mapping[str
 def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fold_alpha: bool = False) -> Path:
     """Writes the checkpoint's LoRA as a diffusers LoRA safetensors file; returns its path.
 
-    `dst` is the file (`*.safetensors`) or a folder, existing or not, that gets `pytorch_lora_weights.safetensors`.
+    `dst` is the file (`*.safetensors`) or a folder that gets `pytorch_lora_weights.safetensors`; either
+    follows the converters' rule for existing outputs (`io.check_destination`: new or an empty folder,
+    else only with `overwrite`, which replaces the whole file or folder).
     The file holds the trained factors and alpha (in the adapter metadata, as diffusers' training scripts
     write it). `fold_alpha` folds alpha / rank into B and writes alpha = rank, for loaders that ignore
     that metadata (ComfyUI, older diffusers): the same weights under any loader.
@@ -109,9 +112,7 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fo
 
     dst = Path(dst)
     file = dst if dst.suffix == ".safetensors" else dst / io.LORA_WEIGHTS
-    # A folder that does not exist yet is created atomically along with the file.
-    atomic_target = dst if file.parent == dst and not dst.exists() else file
-    io.check_destination(atomic_target, overwrite=overwrite)
+    io.check_destination(dst, overwrite=overwrite)
     cfg, _, lora_cfg, lora, _ = _load(src)
     if lora_cfg is None:
         raise ValueError(f"{src} holds no LoRA weights; use --merge to export the base model as a diffusers folder")
@@ -128,8 +129,8 @@ def export_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, fo
                     "pass --fold-alpha for a file every loader reads alike", lora_cfg.alpha, lora_cfg.rank, scale)
     metadata = peft_adapter_config(lora_cfg, modules)
     layers = {k: _to_torch(np.asarray(v, np.float32)) for k, v in peft.items()}
-    with io.atomic_output(atomic_target, overwrite=overwrite) as tmp:
-        if atomic_target == dst and file != dst:
+    with io.atomic_output(dst, overwrite=overwrite) as tmp:
+        if file != dst:  # the folder is written whole, with the file in it
             tmp.mkdir()
             _save_lora_file(tmp / file.name, layers, metadata)
         else:
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-alpha", action="store_true",
                    help="LoRA export: fold alpha/rank into lora_B and write alpha = rank, for loaders that ignore "
                         "the adapter metadata (ComfyUI); the same weights, different factors")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST (all of it) if it exists and is not an empty folder")
     return p
 
 

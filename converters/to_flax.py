@@ -6,7 +6,8 @@
 SRC: a diffusers transformer folder (or a pipeline folder with transformer/), or an original Wan
 checkpoint (folder with config.json, or a single .safetensors/.pth/.ckpt file). LORA: a LoRA file in
 the diffusers/PEFT, DiffSynth, original/kohya or musubi-tuner (lora_unet_*) layout. DST is written
-atomically.
+atomically; it may be new or an empty folder, anything else there is refused unless --overwrite,
+which replaces all of it (the same rule as converters.to_diffusers).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=_positive_float, help="LoRA alpha, overriding what the file carries")
     p.add_argument("--dtype", choices=DTYPES, help="base parameter dtype (default: as stored in SRC)")
     p.add_argument("--config", help="config.json (diffusers or original layout) for a SRC without one")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST (all of it) if it exists and is not an empty folder")
     return p
 
 

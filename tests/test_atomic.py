@@ -106,3 +106,22 @@ def test_file_in_the_way(tmp_path):
     assert atomic.file_in_the_way(tmp_path / "f" / "a" / "b") == tmp_path / "f"
     assert atomic.file_in_the_way(tmp_path / "new" / "a") is None
     assert atomic.file_in_the_way(tmp_path) is None
+
+
+def test_check_output_one_rule_for_existing_outputs(tmp_path):
+    """New or an empty folder: written; anything else only with overwrite (the message names the flag);
+    never under a file."""
+    assert atomic.check_output(tmp_path / "new" / "deep", overwrite=False) == tmp_path / "new" / "deep"
+    (tmp_path / "empty").mkdir()
+    assert atomic.check_output(tmp_path / "empty", overwrite=False) == tmp_path / "empty"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / ".hidden").write_text("")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    for name, kind in (("full", "a folder with files in it"), ("file", "a file"), ("link", "a link")):
+        with pytest.raises(FileExistsError, match=f"already exists \\({kind}\\); pass --force to replace all of it"):
+            atomic.check_output(tmp_path / name, overwrite=False, flag="--force")
+        assert atomic.check_output(tmp_path / name, overwrite=True) == tmp_path / name
+    with pytest.raises(FileExistsError, match="which is a file"):
+        atomic.check_output(tmp_path / "file" / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full", "link"]  # nothing made

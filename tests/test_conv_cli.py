@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from converters import io, layouts, to_diffusers, to_flax
+from spatialalign_jax.common import atomic
 from conv_tiny import (TINY_CONFIG, TINY_ORIGINAL_CONFIG, add_random_lora, assert_same_arrays, inputs,
                        original_lora_names, save_diffusers_lora, state_dict_numpy, tiny_transformer, torch_forward,
                        write_json)
@@ -329,11 +330,7 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     _fails(capsys, tmp_path, ["--src", base, "--lora", str(tmp_path / "conv.safetensors")], "patch_embedding",
            "not a linear layer")
 
-    # An existing destination is kept unless --overwrite.
-    (tmp_path / "dst").mkdir()
-    assert to_flax.main(["--src", base, "--dst", str(tmp_path / "dst")]) == 1
-    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "dst").is_dir()
-    (tmp_path / "dst").rmdir()
+    # (Existing destinations: test_existing_destination_one_rule.)
     for cli, argv, message in [(to_flax, ["--lora-alpha", "-4"], "expected a number > 0"),
                                (to_diffusers, ["--merge", "--max-shard-size", "10XB"], "such as 5GB")]:
         with pytest.raises(SystemExit):
@@ -347,6 +344,51 @@ def test_bad_inputs_give_their_message(work, tmp_path, capsys):
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "nock")], "not a converted checkpoint", cli=to_diffusers)
     assert to_flax.main(["--src", base, "--dst", str(tmp_path / "checkpoints" / "nolora_ck")]) == 0
     _fails(capsys, tmp_path, ["--src", str(tmp_path / "checkpoints" / "nolora_ck")], "holds no LoRA", "--merge", cli=to_diffusers)
+
+
+@pytest.mark.parametrize("output", ["to_flax", "lora_folder", "lora_file", "merge"])
+def test_existing_destination_one_rule(work, tmp_path, capsys, output):
+    """Every converter output follows one rule: a missing destination or an empty folder is written; anything
+    else there is refused without --overwrite (the message names the flag, nothing is touched) and replaced
+    whole with it."""
+    src = ["--src", str(work["root"] / "base")] if output == "to_flax" else ["--src", str(work["ckpt"])]
+    cli, extra = (to_flax, []) if output == "to_flax" else (to_diffusers, ["--merge"] if output == "merge" else [])
+    dst = tmp_path / ("out.safetensors" if output == "lora_file" else "out")
+
+    def run(*flags):
+        return cli.main(src + ["--dst", str(dst)] + extra + list(flags))
+
+    def check_written():
+        if output == "to_flax":
+            assert _read(dst)[0]["lora"] is None
+        elif output == "lora_folder":
+            assert sorted(p.name for p in dst.iterdir()) == [io.LORA_WEIGHTS]
+            assert_same_arrays({k: v.numpy() for k, v in load_file(dst / io.LORA_WEIGHTS).items()},
+                               load_file(work["lora_file"]))
+        elif output == "lora_file":
+            assert dst.is_file() and set(load_file(dst)) == set(load_file(work["lora_file"]))
+        else:
+            assert (dst / to_diffusers.CONFIG_NAME).is_file()
+
+    dst.mkdir()  # an empty folder is as good as none
+    assert run() == 0, capsys.readouterr().err
+    check_written()
+    _no_leftovers(tmp_path, keep=[dst.name])
+
+    # Something there already: the output just written, or a folder of unrelated files.
+    for existing in ("output", "stranger"):
+        if existing == "stranger":
+            atomic._remove(dst)
+            dst.mkdir()
+            (dst / "notes.txt").write_text("mine")
+        before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        assert run() == 1
+        err = capsys.readouterr().err
+        assert "already exists" in err and "pass --overwrite to replace all of it" in err, err
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # untouched
+        assert run("--overwrite") == 0, capsys.readouterr().err
+        check_written()  # replaced whole: the stranger's file is gone with the rest
+        _no_leftovers(tmp_path, keep=[dst.name])
 
 
 def test_failed_conversion_leaves_nothing(work, tmp_path, monkeypatch):

@@ -25,6 +25,36 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def is_empty_folder(path: str | os.PathLike) -> bool:
+    """A real folder (not a link to one) with nothing in it, hidden files included."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool, flag: str = "--overwrite",
+                 what: str = "destination") -> Path:
+    """The one rule for an output path that may already exist, checked before any work:
+
+    - nothing there, or an empty folder: it is written;
+    - anything else (a folder with files, a file, a link): refused unless `overwrite` (the message
+      names `flag`), and then replaced as a whole, atomically, by `atomic_output`;
+    - a path that runs through a file is refused either way.
+
+    Missing parent folders are fine: `atomic_output` creates them. Raises FileExistsError.
+    """
+    path = Path(path)
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        raise FileExistsError(f"{what} {str(path)!r} lies under {str(blocking)!r}, which is a file; "
+                              f"choose another {what}")
+    if (path.exists() or path.is_symlink()) and not (overwrite or is_empty_folder(path)):
+        kind = "a folder with files in it" if path.is_dir() and not path.is_symlink() else \
+            "a link" if path.is_symlink() else "a file"
+        raise FileExistsError(f"{what} {str(path)!r} already exists ({kind}); pass {flag} to replace all of "
+                              f"it, or choose a new or empty folder")
+    return path
+
+
 def give_plain_mode(path: str | os.PathLike) -> None:
     """Undoes an owner-only mode that a library writer chose (safetensors' `save_file` writes 0600), so
     that exports are readable by other users and services, as a file written with open() is."""

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from spatialalign_jax.common.atomic import atomic_output
+from spatialalign_jax.common.atomic import atomic_output, check_output
 
 from .config import LoraConfig, WanConfig
 
@@ -97,9 +97,8 @@ def save_checkpoint(dst: str | os.PathLike, cfg: WanConfig, base: Mapping[str, n
     """
     import orbax.checkpoint as ocp
 
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    dst = check_output(Path(dst).absolute(), overwrite=overwrite, flag="overwrite=True (CLI: --overwrite)",
+                       what="checkpoint")
     if (lora is None) != (lora_cfg is None):
         raise ValueError("LoRA weights and their LoraConfig come together")
     if base is None and lora is None:
