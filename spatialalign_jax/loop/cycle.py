@@ -185,12 +185,22 @@ def _subprocess(argv: Sequence[str], what: str) -> None:
                          "the same command to continue: finished work is kept")
 
 
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: that variable's, else those JAX finds."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import jax
+
+    return [str(d.local_hardware_id) for d in jax.local_devices() if d.platform == "gpu"]
+
+
 def _scorer_env(i: int, n: int, gpus: bool) -> dict[str, str]:
-    """Scorer i of n sees one GPU (the i-th of those this process sees) when there are several scorers."""
+    """Scorer i of n sees one GPU (the (i mod g)-th of the g this process sees) when there are several
+    scorers; with no GPU each scorer is left to its default device."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if gpus and n > 1:
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        env["CUDA_VISIBLE_DEVICES"] = visible[i % len(visible)] if visible else str(i)
+    visible = _visible_gpus() if gpus and n > 1 else []
+    if visible:  # more scorers than GPUs share them; none past the last GPU falls back to the CPU
+        env["CUDA_VISIBLE_DEVICES"] = visible[i % len(visible)]
     return env
 
 
@@ -208,9 +218,9 @@ def _parallel(commands: Sequence[Sequence[str]], what: str, gpus: bool = False) 
 
 def stage_encode(rc: RunConfig, paths: LoopPaths) -> dict[str, Any]:
     encoder = text_encoder_path(rc)
-    for name in filter(paths.owns, STORES):
-        _subprocess(["scoring", "encode-prompts", "--store", str(paths.store(name)), "--text-encoder", encoder,
-                     "--max-text-len", str(rc.data.max_text_len), "--no-progress"], f"encode-prompts ({name})")
+    _parallel([["scoring", "encode-prompts", "--store", str(paths.store(name)), "--text-encoder", encoder,
+                "--max-text-len", str(rc.data.max_text_len), "--no-progress"] for name in filter(paths.owns, STORES)],
+              "encode-prompts", gpus=not rc.loop.world)
     return {}
 
 
