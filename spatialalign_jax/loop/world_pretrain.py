@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow", type=float, default=settings.FOLLOW,
                    help="share of pretraining videos whose motion follows the prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=settings.PRETRAIN_SHIFT,
+                   help="the schedule shift of the training sigmas (1: uniform; larger: more high-noise steps)")
+    p.add_argument("--init", type=Path, help="continue from this reference checkpoint instead of a random init")
     p.add_argument("--save-every", type=int, default=250, help="save the model every N steps (a multiple of 50)")
     args = p.parse_args(argv)
     if not 0 <= args.follow <= 1:
@@ -103,22 +106,33 @@ def main(argv: list[str] | None = None) -> int:
         text = embed_world_prompts(encoder, Path(scratch))
     rows = all_rows()
     cfg = WanConfig.from_diffusers(settings.MODEL_CONFIG)
-    model = WanTransformer3DModel(cfg, scan_unroll=True, rngs=nnx.Rngs(args.seed))
+    if args.init is not None:
+        from converters.load import load_transformer
+
+        model = load_transformer(args.init, scan_unroll=True, lora=None)
+        if model.config != cfg:
+            p.error(f"--init {args.init}: its architecture differs from the world's (world/settings.py MODEL_CONFIG)")
+    else:
+        model = WanTransformer3DModel(cfg, scan_unroll=True, rngs=nnx.Rngs(args.seed))
 
     def save(step: int) -> None:  # the model so far, atomically: a stopped run leaves its last save
         if step % args.save_every and step != args.steps:
             return
         base = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
         save_checkpoint(args.out / "reference", cfg, base, overwrite=True,
-                        extra_meta={"made_by": "python -m spatialalign_jax.loop.world_pretrain", "step": step})
+                        extra_meta={"made_by": "python -m spatialalign_jax.loop.world_pretrain", "step": step,
+                                    "init": str(args.init) if args.init else None})
 
     losses = pretrain(model, world_batches(rows, text, args.batch, args.follow, args.seed), steps=args.steps,
-                      lr=args.lr, warmup=settings.PRETRAIN_WARMUP, shift=settings.PRETRAIN_SHIFT, seed=args.seed,
+                      lr=args.lr, warmup=settings.PRETRAIN_WARMUP, shift=args.shift, seed=args.seed,
                       on_log=save)
     record = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "follow": args.follow, "seed": args.seed,
-              "shift": settings.PRETRAIN_SHIFT, "final_loss_mean_of_last_100": float(np.mean(losses[-100:])),
+              "shift": args.shift, "init": str(args.init) if args.init else None, "final_loss_mean_of_last_100": float(np.mean(losses[-100:])),
               "seconds": round(time.perf_counter() - start, 1)}
-    write_text_atomic(args.out / "pretrain.json", json.dumps(record, indent=2) + "\n")
+    previous = args.out / "pretrain.json"
+    if args.init is not None and previous.is_file():  # keep how the starting point was made
+        record["init_record"] = json.loads(previous.read_text())
+    write_text_atomic(previous, json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out / 'reference'} and {args.out / 'text_encoder'} in {record['seconds']:.0f} s")
     return 0
 
