@@ -25,9 +25,8 @@ import torch
 
 from scoring.loading import load_pretrained, load_processor
 # The interface every detector implements (the colour detector of the synthetic world too).
-from spatialalign_jax.common.detection import Detection, Detector, check_frames  # noqa: F401
+from spatialalign_jax.common.detection import BOX_THRESHOLD, Detection, Detector, check_frames  # noqa: F401
 
-BOX_THRESHOLD = 0.4
 TEXT_THRESHOLD = 0.3
 
 

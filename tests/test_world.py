@@ -87,6 +87,18 @@ def test_wrong_animal_is_a_wrong_label_and_noise_is_no_detection():
     speckled = frames.copy()
     speckled[:, 0, 0] = ANIMALS["cat"].colour  # one stray pixel of another animal's colour
     assert classify_frame(ColourDetector().detect(speckled, "frog", "rock")[0], "frog", "rock") is FrameKind.VALID
+    # the box threshold on the share of the sprite drawn: half a frog is a frog, a quarter is not
+    frame = frames[0].copy()
+    box = next(d.box for d in frame_detections(frame) if d.label == "frog").astype(int)
+    x0, y0, x1, y1 = box
+    half = frame.copy()
+    half[y0:(y0 + y1) // 2 + 1, x0:x1 + 1] = SCENES["In a dim cave"]
+    frog = [d for d in frame_detections(half) if d.label == "frog"]
+    assert len(frog) == 1 and 0.4 <= frog[0].score < 1
+    quarter = frame.copy()
+    quarter[y0:y1 + 1, x0:x1 + 1] = SCENES["In a dim cave"]
+    quarter[y0:y0 + 2, x0:x0 + 4] = ANIMALS["frog"].colour  # 8 of the frog's 28 px
+    assert "frog" not in {d.label for d in frame_detections(quarter)}
     with pytest.raises(ValueError, match="not in the synthetic world"):
         ColourDetector().detect(frames, "dog", "rock")
 

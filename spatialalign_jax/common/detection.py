@@ -11,6 +11,9 @@ from typing import Mapping, NamedTuple, Protocol
 
 import numpy as np
 
+# SPEC section 4: Grounding DINO keeps boxes scoring at least this; every detector applies it to its scores.
+BOX_THRESHOLD = 0.4
+
 
 class Detection(NamedTuple):
     """One detected box: its label, ``(x0, y0, x1, y1)`` in pixels of the input frame, its score."""

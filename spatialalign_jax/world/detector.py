@@ -7,7 +7,9 @@ rules and DSR-Score as real ones (``scoring.validity.boxes_for_video``, ``scorin
 Each pixel takes the label of the nearest colour of the world's palette (every sprite and every
 background) when it lies within ``MAX_COLOUR_DISTANCE``; a detection is a group of one sprite's
 pixels that lie within ``GAP`` pixels of each other (a sprite drawn with holes is still one
-object), with at least ``MIN_AREA`` pixels, boxed tightly around those pixels. Like Grounding DINO, the detector reports
+object), boxed tightly around those pixels. Its score is the share of its sprite's pixels it holds
+(at most 1), and, as Grounding DINO's boxes, it is kept when the score reaches SPEC's box threshold
+(0.4): a stray speck of a sprite's colour is no detection, a sprite drawn in part is. Like Grounding DINO, the detector reports
 what it sees under the entity's own name: a frog in a video prompted with a fox is a detection
 labelled "frog", which the validity rules count as a wrong label (a redundant frame). Boxes are
 ``(x0, y0, x1, y1)`` with inclusive ends, as the SAM 2 tracker's mask boxes.
@@ -19,14 +21,15 @@ from typing import Mapping
 
 import numpy as np
 
-from spatialalign_jax.common.detection import Detection, check_frames
+from spatialalign_jax.common.detection import BOX_THRESHOLD, Detection, check_frames
+from spatialalign_jax.world.render import SPATIAL_SCALE
 from spatialalign_jax.world.vocab import ENTITIES, SCENES
 
 MAX_COLOUR_DISTANCE = 70.0
-MIN_AREA = 8  # two latent pixels: a lone speckle is no detection
 GAP = 2  # one latent pixel: pixels of one colour this close belong to one object
 
 _NAMES = list(ENTITIES) + [None] * len(SCENES)  # None: background
+_SPRITE_PIXELS = [int(sprite.mask.sum()) * SPATIAL_SCALE ** 2 for sprite in ENTITIES.values()]
 _PALETTE = np.array([s.colour for s in ENTITIES.values()] + list(SCENES.values()), np.float32)
 
 
@@ -85,14 +88,21 @@ def _box(pixels: np.ndarray) -> np.ndarray:
     return np.array([x0, y0, x1, y1], np.float32)
 
 
+def _kept(index: int, pixels: np.ndarray) -> float | None:
+    """The detection score of a group of entity ``index``'s pixels, or None below the box threshold."""
+    score = min(1.0, len(pixels) / _SPRITE_PIXELS[index])
+    return score if score >= BOX_THRESHOLD else None
+
+
 def frame_detections(frame: np.ndarray) -> list[Detection]:
-    """Every sprite-coloured component of at least ``MIN_AREA`` pixels in one (H, W, 3) frame."""
+    """Every group of one sprite's colour in an (H, W, 3) frame that scores at least the box threshold."""
     labels = label_map(frame)
     out = []
     for index in np.unique(labels[labels >= 0]):
         for pixels in groups(labels == index):
-            if len(pixels) >= MIN_AREA:
-                out.append(Detection(_NAMES[index], _box(pixels), 1.0))
+            score = _kept(index, pixels)
+            if score is not None:
+                out.append(Detection(_NAMES[index], _box(pixels), score))
     return out
 
 
@@ -133,7 +143,7 @@ class ColourTracker:
                 for frame_order in order:
                     centre = (np.asarray(seed[:2]) + np.asarray(seed[2:])) / 2
                     for t in frame_order:
-                        comps = [c for c in groups(labels[t] == label) if len(c) >= MIN_AREA]
+                        comps = [c for c in groups(labels[t] == label) if _kept(label, c) is not None]
                         if not comps:
                             continue
                         best = min(comps, key=lambda c: np.sum((c.mean(0)[::-1] - centre) ** 2))

@@ -9,7 +9,8 @@ from key frame j) and in space by ``SPATIAL_SCALE``, so 6 key frames of 16 px ma
 The animal moves on a circle around the object, from the angle of the initial relation to that of
 the final one, so the sprites never overlap (an overlap would hide one of them from any detector):
 L is angle pi, R is 0, T is -pi/2 (image y points down). L<->R goes over the top or under the
-bottom, at random. It holds still on the first two and the last two key frames, so a correct video
+bottom (``Scene.over_top``; the pretraining videos all go over the top, one way less for a small model
+to learn). It holds still on the first two and the last two key frames, so a correct video
 starts and ends in its relations for several frames, as SPEC's r_init / r_f average them.
 """
 
@@ -80,7 +81,7 @@ def random_scene(rng: np.random.Generator, row: dict, motion: str = "follow") ->
         raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
     jitter = rng.integers(-OBJECT_JITTER, OBJECT_JITTER + 1, size=2)
     xy = (int(OBJECT_CENTRE + jitter[0]), int(OBJECT_CENTRE + jitter[1]))
-    return Scene(row["scene"], row["animal"], row["object"], initial, final, xy, bool(rng.integers(2)))
+    return Scene(row["scene"], row["animal"], row["object"], initial, final, xy, over_top=True)
 
 
 def _stamp(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], cx: float, cy: float) -> None:
