@@ -19,9 +19,13 @@ from spatialalign_jax.loop.cycle import STAGE_NAMES, WORLD_ASSETS
 from spatialalign_jax.train.pairs import build_pair_table, usable_mask
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["loop.train_prompts=12", "loop.test_prompts=6", "loop.samples_per_prompt=6", "loop.test_seeds=[0,1]",
+# A few prompts and steps. data.tau=0.5: the shipped reference model makes few videos of DSR >= 0.7 (see the
+# README's world results), so a short cycle would often find no pair at SPEC's 0.7; at 0.5 its many valid
+# videos of an animal that stays (DSR 0.5 / 0.625) win against the lower ones, and the rules are the same.
+TAU = 0.5
+SHORT = ["loop.train_prompts=12", "loop.test_prompts=6", "loop.samples_per_prompt=8", "loop.test_seeds=[0,1]",
          "loop.sample_steps=12", "train.steps=4", "train.per_device_batch=2", "optim.warmup_steps=1",
-         "optim.total_steps=5", "train.checkpoint_every=2", "train.log_every=1"]
+         "optim.total_steps=5", "train.checkpoint_every=2", "train.log_every=1", f"data.tau={TAU}"]
 
 
 def _hash_tree(folder: Path) -> str:
@@ -61,14 +65,14 @@ def test_world_cycle_end_to_end_and_resumed(tmp_path):
     assert "Correctness@0.7 by DSR type" in (run / "report" / "report.md").read_text()
     assert (run / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    # pairs by SPEC's rules: winner DSR >= 0.7, loser valid and below, both of the same prompt
+    # pairs by SPEC's rules: winner DSR >= tau, loser valid and below, both of the same prompt
     store = Store.open(run / "data" / "train")
     dsr, status = store.read_dsr(), store.read_status()
     assert not (status == Status.UNSCORED).any()
-    table = build_pair_table(dsr, usable_mask(status, dsr, store.read_seeds(), store.read_text_lengths()))
+    table = build_pair_table(dsr, usable_mask(status, dsr, store.read_seeds(), store.read_text_lengths()), tau=TAU)
     assert len(table.prompts) > 0
     for p, pairs in zip(table.prompts, table.pairs):
-        assert (dsr[p, pairs[:, 0]] >= 0.7).all() and (dsr[p, pairs[:, 1]] < 0.7).all()
+        assert (dsr[p, pairs[:, 0]] >= TAU).all() and (dsr[p, pairs[:, 1]] < TAU).all()
         assert (status[p, pairs.ravel()] == Status.VALID).all()
 
     # the training curve is finite, the LoRA changed the outputs, the reference weights did not change

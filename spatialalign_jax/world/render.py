@@ -10,7 +10,7 @@ The animal moves on a circle around the object, from the angle of the initial re
 the final one, so the sprites never overlap (an overlap would hide one of them from any detector):
 L is angle pi, R is 0, T is -pi/2 (image y points down). L<->R goes over the top or under the
 bottom (``Scene.over_top``; the pretraining videos all go over the top, one way less for a small model
-to learn). It holds still on the first two and the last two key frames, so a correct video
+to learn). It holds still on the first three and the last three key frames, so a correct video
 starts and ends in its relations for several frames, as SPEC's r_init / r_f average them.
 """
 
@@ -31,8 +31,10 @@ FRAME_SIZE = LATENT_SIZE * SPATIAL_SCALE  # 32
 LATENT_FRAMES = 6
 NUM_FRAMES = decoded_frames(LATENT_FRAMES)  # 21
 LATENT_SHAPE = (3, LATENT_FRAMES, LATENT_SIZE, LATENT_SIZE)
-# Position along the path at each key frame: hold, move in three steps, hold.
-PATH_FRACTIONS = (0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0)
+# Position along the path at each key frame: three in the initial relation, then three in the final
+# one (frames 0-8 and 9-20 once decoded). A move in one step leaves a small model two places to draw
+# the animal at, not four; the DSR-Score reads only where the animal is, frame by frame.
+PATH_FRACTIONS = (0.0, 0.0, 0.0, 1.0, 1.0, 1.0)
 RADIUS = 5.0  # object centre to animal centre; sprites are 3 and 4 px, so they never touch
 OBJECT_CENTRE = 8.0
 OBJECT_JITTER = 1

@@ -15,9 +15,9 @@ MODEL_CONFIG = {
 
 # Pretraining: a video follows its prompt with probability FOLLOW; otherwise its motion is one of
 # render.MOTIONS[1:] ("reverse", "static") with these shares of the rest. Every video starts in the
-# prompt's initial relation; 70% of them never leave it: the failure real text-to-video models show most
+# prompt's initial relation; half of them never leave it: the failure real text-to-video models show most
 # (a static subject). One start position per prompt keeps the distribution easy for a small model.
-FOLLOW = 0.3
+FOLLOW = 0.5
 NON_FOLLOW = (0.0, 1.0)
 PRETRAIN_STEPS = 2000
 PRETRAIN_BATCH = 32
