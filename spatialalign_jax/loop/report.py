@@ -5,8 +5,8 @@ Writes into ``RUN/report/``:
 
 - ``summary.json``: ``{"reference": {"correctness": {"0.0": ..., ..., "0.9": ...}, "valid_rate": ...},
   "finetuned": {...}}`` and nothing else (the interface scripts read);
-- ``report.md``: the Correctness@tau table, Correctness@0.7 per DSR type, invalid videos by reason,
-  and, where the loop ran the quality models, ID consistency and CLIP-IQA;
+- ``report.md``: the Correctness@tau table, Correctness@0.7 per DSR type, invalid videos by reason
+  (ID consistency and CLIP-IQA come from ``python -m scoring evaluate``, which the report names);
 - ``correctness.png``: both Correctness@tau curves; ``samples.png``: the same prompts and seeds,
   reference above fine-tuned, one column per frame step.
 """
@@ -75,16 +75,9 @@ def _invalid(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _quality(quality: Mapping[str, Mapping[str, float]] | None) -> str:
-    if not quality:
-        return ("ID consistency and CLIP-IQA: not computed (set loop.dinov2 and loop.clip; the synthetic world "
-                "has no models for them).")
-    names = list(quality)
-    metrics = sorted({m for q in quality.values() for m in q})
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in metrics:
-        lines.append(f"| {m} | " + " | ".join(f"{quality[n].get(m, float('nan')):.4f}" for n in names) + " |")
-    return "\n".join(lines)
+QUALITY_NOTE = ("ID consistency and CLIP-IQA: not computed by the loop (the synthetic world has no models for "
+                "them); for real videos run `python -m scoring evaluate --store RUN/data/test_reference --mp4-dir "
+                "RUN/report/mp4/test_reference --dinov2 DINOV2 --clip CLIP --out ...`, and the same for test_finetuned.")
 
 
 def plot_curves(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
@@ -141,8 +134,7 @@ def sample_strip(paths, frames_for, num_prompts: int = 4, frame_step: int = 4) -
         save_strip(rows, labels, paths.report / "samples.png")
 
 
-def write_report(rc, paths, frames_for=None, quality: Mapping[str, Mapping[str, float]] | None = None
-                 ) -> dict[str, dict[str, Any]]:
+def write_report(rc, paths, frames_for=None) -> dict[str, dict[str, Any]]:
     results = {name: store_results(Store.open(paths.store(store))) for name, store in MODELS.items()}
     summary = {name: {"correctness": r["correctness"], "valid_rate": r["valid_rate"]} for name, r in results.items()}
     report = paths.report
@@ -157,7 +149,7 @@ def write_report(rc, paths, frames_for=None, quality: Mapping[str, Mapping[str, 
           f"Correctness@0.7: reference {100 * ref:.1f}%, fine-tuned {100 * ft:.1f}% ({100 * (ft - ref):+.1f} points); "
           f"{results['reference']['num_samples']} samples each (prompts x seeds), invalid ones counted as failures.", "",
           "## Correctness@tau", "", _table(results), "", "## Correctness@0.7 by DSR type", "", _by_type(results), "",
-          "## Invalid videos", "", _invalid(results), "", "## Quality", "", _quality(quality), "",
+          "## Invalid videos", "", _invalid(results), "", "## Quality", "", QUALITY_NOTE, "",
           "![Correctness@tau](correctness.png)", ""]
     if (report / "samples.png").is_file():
         md += ["![reference vs fine-tuned, same prompts and seeds](samples.png)", ""]
