@@ -93,3 +93,24 @@ def test_world_cycle_end_to_end_and_resumed(tmp_path):
     status_view = subprocess.run([sys.executable, "run_train.py", "--status", "--set", f"run.dir={run}"], cwd=REPO,
                                  capture_output=True, text=True, timeout=300)
     assert status_view.returncode == 0 and status_view.stdout.count("done") == len(STAGE_NAMES)
+
+
+@pytest.mark.slow
+def test_world_pretrain_command_makes_loadable_assets(tmp_path):
+    """The command that made the shipped assets, a few steps long: a text encoder, a reference model that
+    load_transformer reads with the world's architecture, and its record."""
+    out = tmp_path / "assets"
+    r = subprocess.run([sys.executable, "-m", "spatialalign_jax.loop.world_pretrain", "--out", str(out), "--steps", "2",
+                        "--batch", "2", "--save-every", "50"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from converters.load import load_transformer
+    from spatialalign_jax.model.config import WanConfig
+    from spatialalign_jax.world.settings import MODEL_CONFIG
+
+    model = load_transformer(out / "reference")
+    assert model.config == WanConfig.from_diffusers(MODEL_CONFIG)
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["steps"] == 2 and np.isfinite(record["final_loss_mean_of_last_100"])
+    # the text encoder is the shipped one: the same tokenizer and weights from the same seed
+    shipped = WORLD_ASSETS / "text_encoder" / "model.safetensors"
+    assert (out / "text_encoder" / "model.safetensors").read_bytes() == shipped.read_bytes()
