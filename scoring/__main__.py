@@ -257,9 +257,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise CliError("score --store needs --vae (the Wan VAE folder that decodes the latents)")
         store = Store.open(args.store, mode="r+")
         if args.world:
-            from scoring.world import WorldDecoder, detector_and_tracker
-
-            decode = WorldDecoder()
+            from scoring.world import detector_and_tracker
+            from spatialalign_jax.world.render import decode  # the world's latents are pixels
             detector, tracker = detector_and_tracker()
         else:
             _check_model_path(args.vae, "--vae")

@@ -1,8 +1,8 @@
-"""The synthetic world on the scoring side: its text encoder, decoder, detector and tracker.
+"""The synthetic world on the scoring side: its text encoder, detector and tracker.
 
 ``python run_train.py`` runs the SpatialAlign loop in a small synthetic world
 (``spatialalign_jax.world``) through the same scoring code as the real loop: the world's videos
-are scored by ``scoring.run`` with the world's decoder (latents are pixels), and a colour
+are scored by ``scoring.run`` with the world's decoder (``world.render.decode``: latents are pixels), and a colour
 segmentation detector and tracker behind the Grounding DINO / SAM 2 interfaces. Its prompts are
 embedded by a tiny umT5 (``UMT5EncoderModel``, random weights) with a word-level tokenizer built from
 the world's vocabulary, saved once with ``save_pretrained`` and loaded like Wan's umT5.
@@ -41,15 +41,6 @@ def build_text_encoder(out_dir: str | os.PathLike) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-class WorldDecoder:
-    """The world's latents (pixels) -> uint8 frames, the ``Decoder`` that the scoring run takes."""
-
-    def __call__(self, latents):
-        from spatialalign_jax.world.render import decode
-
-        return decode(latents)
 
 
 def detector_and_tracker():

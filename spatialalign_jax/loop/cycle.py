@@ -295,11 +295,9 @@ def _score(rc: RunConfig, paths: LoopPaths, names: Sequence[str]) -> dict[str, A
 
 
 def _status_counts(path: Path) -> dict[str, int]:
-    from collections import Counter
+    from scoring.metrics import status_counts  # numpy only
 
-    from spatialalign_jax.common.store_layout import Status
-
-    return {Status(int(k)).name: v for k, v in sorted(Counter(Store.open(path).read_status().ravel().tolist()).items())}
+    return status_counts(Store.open(path).read_status())
 
 
 def stage_train(rc: RunConfig, paths: LoopPaths) -> dict[str, Any]:

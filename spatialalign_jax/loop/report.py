@@ -19,32 +19,30 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from scoring.dsr import CORRECTNESS_TAUS, correctness_curve  # numpy only: the loop layer reads the scorer's measures in-process
+from scoring.metrics import correctness_by_type, plot_correctness, status_counts
 from spatialalign_jax.common.atomic import atomic_path, write_text_atomic
 from spatialalign_jax.common.dsr_types import DSR_TYPES
 from spatialalign_jax.common.store import Store
 from spatialalign_jax.common.store_layout import Status
 
 MODELS = {"reference": "test_reference", "finetuned": "test_finetuned"}
-TAUS = tuple(round(i / 10, 1) for i in range(10))
 HEADLINE = "0.7"
 
 
 def store_results(store: Store) -> dict[str, Any]:
     """Correctness@tau (invalid and unscored samples count in the denominator, SPEC 3), the valid
-    rate, Correctness@0.7 per type and the invalid samples per reason."""
+    rate, Correctness@0.7 per type and the invalid samples per reason: the scorer's own measures
+    (``scoring.dsr``, ``scoring.metrics``: numpy only) on one store."""
     dsr = store.read_dsr().astype(np.float64)
     status = store.read_status()
     types = np.array([row["type"] for row in store.prompts])[:, None].repeat(dsr.shape[1], 1)
-    passed = lambda tau, mask=slice(None): float(np.mean(np.nan_to_num(dsr[mask], nan=-1.0) >= tau))  # noqa: E731
     valid = (status == Status.VALID) & np.isfinite(dsr)
-    reasons: dict[str, int] = {}
-    for code, n in zip(*np.unique(status[~valid], return_counts=True)):
-        reasons[Status(int(code)).name] = int(n)
     return {
-        "correctness": {f"{t:.1f}": passed(t) for t in TAUS},
+        "correctness": {f"{t:.1f}": v for t, v in correctness_curve(dsr).items()},
         "valid_rate": float(valid.mean()),
-        "by_type": {t: passed(0.7, types == t) for t in DSR_TYPES if (types == t).any()},
-        "invalid": reasons,
+        "by_type": correctness_by_type(dsr, types.ravel()),
+        "invalid": status_counts(status[~valid]),
         "num_samples": int(dsr.size),
     }
 
@@ -52,7 +50,7 @@ def store_results(store: Store) -> dict[str, Any]:
 def _table(results: Mapping[str, Mapping[str, Any]]) -> str:
     names = list(results)
     lines = ["| tau | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for t in TAUS:
+    for t in CORRECTNESS_TAUS:
         key = f"{t:.1f}"
         lines.append(f"| {key} | " + " | ".join(f"{100 * results[n]['correctness'][key]:.1f}%" for n in names) + " |")
     return "\n".join(lines)
@@ -78,26 +76,6 @@ def _invalid(results: Mapping[str, Mapping[str, Any]]) -> str:
 QUALITY_NOTE = ("ID consistency and CLIP-IQA: not computed by the loop (the synthetic world has no models for "
                 "them); for real videos run `python -m scoring evaluate --store RUN/data/test_reference --mp4-dir "
                 "RUN/report/mp4/test_reference --dinov2 DINOV2 --clip CLIP --out ...`, and the same for test_finetuned.")
-
-
-def plot_curves(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for name, r in results.items():
-        ax.plot(TAUS, [100 * r["correctness"][f"{t:.1f}"] for t in TAUS], marker="o", ms=3, label=name)
-    ax.axvline(0.7, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="tau (DSR-Score threshold)", ylabel="Correctness@tau (%)", xlim=(-0.02, 0.92), ylim=(0, 100),
-           title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def save_strip(rows: list[np.ndarray], labels: list[str], path: Path, scale: int = 3) -> None:
@@ -140,8 +118,9 @@ def write_report(rc, paths, frames_for=None) -> dict[str, dict[str, Any]]:
     report = paths.report
     report.mkdir(parents=True, exist_ok=True)
     write_text_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
-    (report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_curves(results, report / "correctness.png", f"{rc.run.name}: held-out prompts")
+    write_text_atomic(report / "results.json", json.dumps(results, indent=2) + "\n")
+    plot_correctness({name: {float(t): v for t, v in r["correctness"].items()} for name, r in results.items()},
+                     report / "correctness.png", title=f"{rc.run.name}: held-out prompts")
     if frames_for is not None:
         sample_strip(paths, frames_for)
     ref, ft = (results[n]["correctness"][HEADLINE] for n in ("reference", "finetuned"))
