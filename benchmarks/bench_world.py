@@ -1,6 +1,6 @@
 """The synthetic-world result: `python run_train.py`'s cycle over several seeds, and the ablations.
 
-    python -m benchmarks.bench_world [--seeds 0,1,2] [--ablations] [--out benchmarks/results/world.json]
+    python -m benchmarks.bench_world [--seeds 0,1,2] [--ablations] [--rounds K] [--out benchmarks/results/world.json]
 
 For each seed, runs the default cycle (configs/world.yaml) in runs/bench_world/seed{s} with
 ``loop.seed=s`` (the training prompts' scenes and verbs, the training samples' seeds) and
@@ -8,7 +8,8 @@ For each seed, runs the default cycle (configs/world.yaml) in runs/bench_world/s
 fine-tuned model on the held-out prompts, the gain's mean and spread, the valid rates and the wall time
 of every stage. ``--ablations`` then trains the variants of the paper's Table 3 on seed 0's samples
 (``loop.reuse``: the same training store and reference test samples) and prints the same table.
-Results (and the per-stage times) are written to ``--out`` as JSON.
+``--rounds K`` continues each seed's cycle to K on-policy rounds (``loop.rounds``) and prints
+Correctness@0.7 and the valid rate per round. Results (and the per-stage times) are written to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def run_cycle(run_dir: Path, overrides: list[str]) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"cycle in {run_dir} failed (exit {result.returncode}); rerun to resume it")
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    results = json.loads((run_dir / "report" / "results.json").read_text())
     stages = json.loads((run_dir / "stages.json").read_text())["done"]
     return {"summary": summary, "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
-            "wall_seconds": round(time.perf_counter() - start, 1)}
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "per_model": {k: {"correctness@0.7": v["correctness"]["0.7"], "valid_rate": v["valid_rate"]}
+                          for k, v in results.items()}}
 
 
 def _c7(summary: dict, model: str) -> float:
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ablations", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="continue each seed's cycle to this many rounds")
     p.add_argument("--root", type=Path, default=REPO / "runs" / "bench_world")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "world.json")
     args = p.parse_args(argv)
@@ -79,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {statistics.mean(c['stage_seconds'][k] for c in cycles.values()):.0f}" for k in stages))
         out["cycles"] = {str(s): c for s, c in cycles.items()}
         out["gain"] = {"mean": statistics.mean(gains), "std": spread, "min": min(gains), "seeds": seeds}
+
+    if args.rounds > 1:
+        per_seed = {}
+        for s in seeds:
+            per_seed[s] = run_cycle(args.root / f"seed{s}", [f"loop.seed={s}", f"train.seed={s}",
+                                                            f"loop.rounds={args.rounds}"])
+        names = list(next(iter(per_seed.values()))["per_model"])
+        print("\nmodel        " + "".join(f"seed {s} C@0.7 (valid)   " for s in seeds))
+        for name in names:
+            print(f"{name:<12} " + "".join(f"{c['per_model'][name]['correctness@0.7']:.3f} ({c['per_model'][name]['valid_rate']:.3f})"
+                                           f"        " for c in per_seed.values()))
+        out["rounds"] = {str(s): {"per_model": c["per_model"],
+                                  "stage_seconds": c["stage_seconds"]} for s, c in per_seed.items()}
 
     if args.ablations:
         base = args.root / f"seed{seeds[0]}"

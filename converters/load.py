@@ -20,7 +20,8 @@ from converters.io import read_base  # reads diffusers folders and original Wan 
 from spatialalign_jax.model import lora as lora_lib
 from spatialalign_jax.model import params as params_lib
 from spatialalign_jax.model import sharding as sharding_lib
-from spatialalign_jax.model.checkpoint import is_checkpoint, lora_config_from_meta, read_checkpoint_meta, restore_params
+from spatialalign_jax.model.checkpoint import (is_checkpoint, lora_config_from_meta, read_checkpoint, read_checkpoint_meta,
+                                               restore_params)
 from spatialalign_jax.model.config import LoraConfig, WanConfig
 from spatialalign_jax.model.transformer import WanTransformer3DModel
 
@@ -31,6 +32,19 @@ def _place(value: np.ndarray, dtype, sharding) -> jax.Array:
         return jnp.asarray(value, dtype)
     # Each device reads only its own slice of the host array.
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: np.asarray(value[idx], dtype))
+
+
+def base_params(path: str | os.PathLike) -> tuple[WanConfig, dict[str, np.ndarray]]:
+    """(config, Flax flat base parameters as host numpy arrays) of any model `load_transformer` reads."""
+    path = Path(path)
+    if is_checkpoint(path):
+        meta, base, _ = read_checkpoint(path)
+        if not meta.get("has_base", True):
+            raise ValueError(f"{path} holds LoRA weights only; give a model with base weights")
+        return WanConfig.from_diffusers(meta["config"]), base
+    weights = read_base(path)
+    cfg = WanConfig.from_diffusers(weights.config)
+    return cfg, params_lib.flax_from_diffusers(cfg, weights.state_dict)
 
 
 def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype="float32",

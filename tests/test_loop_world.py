@@ -15,7 +15,7 @@ import pytest
 
 from spatialalign_jax.common.store import Store
 from spatialalign_jax.common.store_layout import Status
-from spatialalign_jax.loop.cycle import STAGE_NAMES, WORLD_ASSETS
+from spatialalign_jax.loop.cycle import ROUND_STAGES, STAGE_NAMES, WORLD_ASSETS
 from spatialalign_jax.train.pairs import build_pair_table, usable_mask
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +93,36 @@ def test_world_cycle_end_to_end_and_resumed(tmp_path):
     status_view = subprocess.run([sys.executable, "run_train.py", "--status", "--set", f"run.dir={run}"], cwd=REPO,
                                  capture_output=True, text=True, timeout=300)
     assert status_view.returncode == 0 and status_view.stdout.count("done") == len(STAGE_NAMES)
+
+    # --rounds 2 continues the finished run with a second, on-policy round
+    r = _run(run, "--rounds", "2")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rounds_done = json.loads((run / "stages.json").read_text())["done"]
+    assert list(rounds_done) == list(STAGE_NAMES) + ["merge@2"] + [f"{s}@2" for s in ROUND_STAGES]
+    assert {k: rounds_done[k] for k in done} == done  # round 1 untouched
+    # round 2 starts from round 1's fine-tuned model: its base is the merge, and it samples like base + LoRA
+    from converters.load import load_transformer
+    from spatialalign_jax.model.lora import BASE, flat_params
+
+    merged = load_transformer(run / "round2" / "base", lora=None)
+    reference = load_transformer(WORLD_ASSETS / "reference", lora=None)
+    changed = [k for k, v in flat_params(merged, BASE).items()
+               if not np.array_equal(np.asarray(v), np.asarray(flat_params(reference, BASE)[k]))]
+    assert changed and all(k.endswith(".kernel") and ("attn2.to_" in k or "text_embedder" in k) for k in changed)
+    train2 = Store.open(run / "round2" / "data" / "train")
+    assert [row["prompt_id"] for row in train2.prompts] == [row["prompt_id"] for row in store.prompts]
+    np.testing.assert_array_equal(train2.read_text_lengths(), store.read_text_lengths())
+    assert not np.isin(train2.read_seeds(), store.read_seeds()).any()  # fresh noise for the new round
+    assert not (train2.read_status() == Status.UNSCORED).any()
+    metrics2 = [json.loads(line) for line in (run / "round2" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics2] == [1, 2, 3, 4]
+    results = json.loads((run / "report" / "results.json").read_text())
+    assert list(results) == ["reference", "round 1", "round 2"]
+    summary2 = json.loads((run / "report" / "summary.json").read_text())
+    assert summary2["reference"] == summary["reference"]
+    assert summary2["finetuned"]["correctness"] == results["round 2"]["correctness"]
+    assert results["round 1"]["correctness"] == summary["finetuned"]["correctness"]
+    assert "## Rounds" in (run / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

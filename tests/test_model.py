@@ -21,7 +21,7 @@ from spatialalign_jax.model import attention as A
 from spatialalign_jax import load_transformer
 from spatialalign_jax.model.attention import apply_rope, attend, rope_tables
 from spatialalign_jax.model.config import LoraConfig, WanConfig
-from spatialalign_jax.model.lora import BASE, LORA, flat_params
+from spatialalign_jax.model.lora import BASE, LORA, flat_params, merge_lora, set_params
 from spatialalign_jax.model.sharding import make_mesh
 from spatialalign_jax.model.transformer import WanTransformer3DModel
 
@@ -229,6 +229,28 @@ def test_lora_switch_and_trainable_state(pair):
     nnx.update(m, jax.tree.map(lambda v: v + 0.1, state))
     assert np.abs(np.asarray(m(x, t, ctx)) - base_out).max() > 1e-4
     _close(m(x, t, ctx, use_lora=False), base_out, 1e-6)
+
+
+def test_merged_lora_computes_what_the_lora_does(pair):
+    """merge_lora (the loop's rounds start from it) folds every adapter into its kernel, blocks stacked."""
+    name, _, model, folder = pair
+    x, t, ctx = _inputs(name)
+    lora = LoraConfig(rank=4, alpha=8.0)
+    m = load_transformer(folder, attention="xla", lora=lora)
+    rng = np.random.default_rng(1)
+    nnx.update(m, jax.tree.map(lambda v: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32),
+                               nnx.state(m, LORA)))
+    base = {k: np.asarray(v) for k, v in flat_params(m, BASE).items()}
+    merged = merge_lora(base, {k: np.asarray(v) for k, v in flat_params(m, LORA).items()}, lora.scale)
+    changed = sorted(k for k in merged if not np.array_equal(merged[k], base[k]))
+    assert changed == sorted(k.replace(".lora_A", ".kernel") for k in flat_params(m, LORA) if k.endswith(".lora_A"))
+    plain = load_transformer(folder, attention="xla", lora=None)
+    set_params(plain, {k: jnp.asarray(v) for k, v in merged.items()})
+    with_lora = np.asarray(m(x, t, ctx))
+    assert np.abs(with_lora - np.asarray(m(x, t, ctx, use_lora=False))).max() > 1e-3  # the LoRA matters
+    _close(plain(x, t, ctx), with_lora, 1e-5)
+    with pytest.raises(ValueError, match="pairs"):
+        merge_lora(base, {"blocks.attn2.to_k.lora_A": np.zeros((1, 2, 3))}, 1.0)
 
 
 def test_gradients_only_for_lora(pair):

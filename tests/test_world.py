@@ -4,6 +4,7 @@ held out from training."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -129,3 +130,28 @@ def test_split_holds_test_prompts_and_triples_out():
     assert len(all_rows()) == 4 * 4 * 4 * 6 * 5 and len({r["prompt"] for r in all_rows()}) == 1920
     with pytest.raises(ValueError, match="multiples of 6"):
         split_rows(10, 12)
+
+
+def test_pretraining_motion_is_read_off_the_noise():
+    """world.coupling: the share that follows is `follow`, the noise alone stays N(0, 1), and the choice is
+    the noise's side of the follow-vs-static direction (so equal noise gives equal motion)."""
+    from spatialalign_jax.world.coupling import coupled_video, follow_threshold
+
+    rng = np.random.default_rng(0)
+    rows = all_rows()
+    moved, noise_values = [], []
+    for i in rng.integers(len(rows), size=2000):
+        x, eps, scene = coupled_video(rng, rows[i], 0.25)
+        assert x.shape == eps.shape == render.LATENT_SHAPE
+        np.testing.assert_array_equal(x, render.render_latents(scene))
+        follow = dataclasses.replace(scene, final=render.random_scene(rng, rows[i]).final)
+        d = (render.render_latents(follow) - render.render_latents(dataclasses.replace(scene, final=scene.initial))).ravel()
+        moved.append(scene.initial != scene.final)
+        assert moved[-1] == (eps.ravel() @ d / np.linalg.norm(d) > follow_threshold(0.25))
+        noise_values.append(eps.ravel()[:50])
+    assert abs(np.mean(moved) - 0.25) < 0.03
+    v = np.concatenate(noise_values)
+    assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01
+    assert follow_threshold(0.0) == np.inf and follow_threshold(1.0) == -np.inf
+    with pytest.raises(ValueError, match="follow"):
+        follow_threshold(1.5)

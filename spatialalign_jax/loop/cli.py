@@ -2,6 +2,7 @@
 
     python run_train.py                                   # the synthetic-world loop (configs/world.yaml)
     spatialalign run --config configs/world.yaml [--from STAGE] [--until STAGE] [--set key=value ...]
+    spatialalign run --rounds 3                           # three on-policy rounds (loop.rounds)
     spatialalign status --config CONFIG                   # which stages are done, with their times
     python run_train.py --config configs/wan2.1_t2v_1.3b.yaml --mesh data=1,fsdp=4 [--set key=value ...]
 
@@ -51,6 +52,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="start", metavar="STAGE", help="loop: rerun from this stage on")
     parser.add_argument("--until", metavar="STAGE", help="loop: stop after this stage")
     parser.add_argument("--status", action="store_true", help="loop: print which stages are done and exit")
+    parser.add_argument("--rounds", type=int, metavar="K",
+                        help="loop: K on-policy rounds, each sampling with the last one's fine-tuned model "
+                             "(loop.rounds; a finished run continues with the rounds it lacks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run dir)")
     return parser
 
@@ -69,11 +73,16 @@ def main(argv: list[str] | None = None, prog: str = "spatialalign") -> int:
 
     from spatialalign_jax.train.run_config import DEFAULT_CONFIG_PATH, RunConfigError, load_run_config
 
+    if args.rounds is not None:
+        args.overrides.append(f"loop.rounds={args.rounds}")
+    if args.no_progress:
+        args.overrides.append("loop.progress=false")
     try:
         rc = load_run_config(args.config or DEFAULT_CONFIG_PATH, args.overrides, mesh=args.mesh)
     except (RunConfigError, FileNotFoundError) as e:
         parser.error(str(e))
-    loop_flags = [f for f, v in (("--from", args.start), ("--until", args.until), ("--status", args.status)) if v]
+    loop_flags = [f for f, v in (("--from", args.start), ("--until", args.until), ("--status", args.status),
+                                 ("--rounds", args.rounds)) if v]
     if loop_flags and not rc.loop.enabled:
         parser.error(f"{loop_flags[0]} is for the loop's stages; this config trains only (set loop.enabled: true "
                      "to run the whole loop)")

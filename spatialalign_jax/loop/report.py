@@ -9,6 +9,10 @@ Writes into ``RUN/report/``:
   (ID consistency and CLIP-IQA come from ``python -m scoring evaluate``, which the report names);
 - ``correctness.png``: both Correctness@tau curves; ``samples.png``: the same prompts and seeds,
   reference above fine-tuned, one column per frame step.
+
+With ``loop.rounds`` > 1 the fine-tuned model of ``summary.json`` is the last round's; ``results.json``,
+the tables and the curves hold every round ("round 1", "round 2", ...), and ``report.md`` adds
+Correctness@0.7 per round.
 """
 
 from __future__ import annotations
@@ -26,8 +30,18 @@ from spatialalign_jax.common.dsr_types import DSR_TYPES
 from spatialalign_jax.common.store import Store
 from spatialalign_jax.common.store_layout import Status
 
-MODELS = {"reference": "test_reference", "finetuned": "test_finetuned"}
 HEADLINE = "0.7"
+
+
+def models(paths) -> dict[str, tuple[Any, str]]:
+    """{label: (the round's LoopPaths, store name)} of the models the report compares: the reference
+    and the fine-tuned one, or the reference and every round up to ``paths.round``."""
+    out = {"reference": (paths.at_round(1), "test_reference")}
+    if paths.round == 1:
+        out["finetuned"] = (paths, "test_finetuned")
+    else:
+        out.update({f"round {r}": (paths.at_round(r), "test_finetuned") for r in range(1, paths.round + 1)})
+    return out
 
 
 def store_results(store: Store) -> dict[str, Any]:
@@ -95,26 +109,37 @@ def save_strip(rows: list[np.ndarray], labels: list[str], path: Path, scale: int
         canvas.save(tmp, format="PNG")
 
 
-def sample_strip(paths, frames_for, num_prompts: int = 4, frame_step: int = 4) -> None:
-    """samples.png: for the first test prompts at their first seed, reference over fine-tuned."""
-    stores = {name: Store.open(paths.store(store)) for name, store in MODELS.items()}
+def sample_strip(compared: Mapping[str, tuple[Any, str]], frames_for, path: Path, num_prompts: int = 4,
+                 frame_step: int = 4) -> None:
+    """samples.png: for the first test prompts at their first seed, one row per compared model."""
     rows, labels = [], []
-    ref = stores["reference"]
+    first_paths, first_name = next(iter(compared.values()))
+    ref = Store.open(first_paths.store(first_name))
     for p in range(min(num_prompts, ref.num_prompts)):
         row = ref.prompts[p]
-        for name, store in stores.items():
-            frames = frames_for(store, p, 0)
+        for label, (at, name) in compared.items():
+            frames = frames_for(at, name, p, 0)
             if frames is None:
                 return
             rows.append(np.concatenate(list(frames[::frame_step]), axis=1))
-            labels.append(f"{row['type']} {row['animal']}/{row['object']}\n{name}")
+            labels.append(f"{row['type']} {row['animal']}/{row['object']}\n{label}")
     if rows:
-        save_strip(rows, labels, paths.report / "samples.png")
+        save_strip(rows, labels, path)
+
+
+def _rounds(results: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["| model | Correctness@0.7 | valid rate |", "|---|---|---|"]
+    lines += [f"| {name} | {100 * r['correctness'][HEADLINE]:.1f}% | {100 * r['valid_rate']:.1f}% |"
+              for name, r in results.items()]
+    return "\n".join(lines)
 
 
 def write_report(rc, paths, frames_for=None) -> dict[str, dict[str, Any]]:
-    results = {name: store_results(Store.open(paths.store(store))) for name, store in MODELS.items()}
-    summary = {name: {"correctness": r["correctness"], "valid_rate": r["valid_rate"]} for name, r in results.items()}
+    compared = models(paths)
+    results = {label: store_results(Store.open(at.store(name))) for label, (at, name) in compared.items()}
+    last = list(results)[-1]
+    summary = {name: {"correctness": results[key]["correctness"], "valid_rate": results[key]["valid_rate"]}
+               for name, key in (("reference", "reference"), ("finetuned", last))}
     report = paths.report
     report.mkdir(parents=True, exist_ok=True)
     write_text_atomic(report / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -122,14 +147,19 @@ def write_report(rc, paths, frames_for=None) -> dict[str, dict[str, Any]]:
     plot_correctness({name: {float(t): v for t, v in r["correctness"].items()} for name, r in results.items()},
                      report / "correctness.png", title=f"{rc.run.name}: held-out prompts")
     if frames_for is not None:
-        sample_strip(paths, frames_for)
-    ref, ft = (results[n]["correctness"][HEADLINE] for n in ("reference", "finetuned"))
+        strip = {k: compared[k] for k in ("reference", last)}
+        sample_strip(strip, frames_for, report / "samples.png")
+    ref, ft = (summary[n]["correctness"][HEADLINE] for n in ("reference", "finetuned"))
+    which = "fine-tuned" if paths.round == 1 else f"fine-tuned (round {paths.round})"
     md = [f"# {rc.run.name}: reference vs fine-tuned on the held-out prompts", "",
-          f"Correctness@0.7: reference {100 * ref:.1f}%, fine-tuned {100 * ft:.1f}% ({100 * (ft - ref):+.1f} points); "
-          f"{results['reference']['num_samples']} samples each (prompts x seeds), invalid ones counted as failures.", "",
-          "## Correctness@tau", "", _table(results), "", "## Correctness@0.7 by DSR type", "", _by_type(results), "",
-          "## Invalid videos", "", _invalid(results), "", "## Quality", "", QUALITY_NOTE, "",
-          "![Correctness@tau](correctness.png)", ""]
+          f"Correctness@0.7: reference {100 * ref:.1f}%, {which} {100 * ft:.1f}% ({100 * (ft - ref):+.1f} points); "
+          f"{results['reference']['num_samples']} samples each (prompts x seeds), invalid ones counted as failures.", ""]
+    if paths.round > 1:
+        md += ["## Rounds", "", "Round r samples its training prompts with round r-1's fine-tuned model and trains on "
+               "them with that model as DPO's reference (`loop.rounds`).", "", _rounds(results), ""]
+    md += ["## Correctness@tau", "", _table(results), "", "## Correctness@0.7 by DSR type", "", _by_type(results), "",
+           "## Invalid videos", "", _invalid(results), "", "## Quality", "", QUALITY_NOTE, "",
+           "![Correctness@tau](correctness.png)", ""]
     if (report / "samples.png").is_file():
         md += ["![reference vs fine-tuned, same prompts and seeds](samples.png)", ""]
     write_text_atomic(report / "report.md", "\n".join(md))

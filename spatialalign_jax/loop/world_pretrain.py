@@ -11,9 +11,10 @@ What ships in ``spatialalign_jax/world/assets`` and how it was made, in three st
    encode-prompts`` the loop uses, into a scratch store.
 3. ``reference/``: the project's Flax Wan transformer (``world.settings.MODEL_CONFIG``) trained from
    scratch with flow matching (``spatialalign_jax.train.pretrain``) on world videos whose motion
-   follows the prompt only ``--follow`` of the time; otherwise the animal goes the reverse way or
-   stays where it started (``world.render.MOTIONS``). The model learns that mixture, so it is a
-   mediocre base model at DSR, which is what SpatialAlign starts from. Saved as a converted
+   follows the prompt only ``--follow`` of the time; otherwise the animal stays where it started.
+   Which of the two a video does is read off its noise (``world.coupling``: the optimal-transport
+   coupling), so the model learns to make that choice from the seed it samples. It is a mediocre
+   base model at DSR, which is what SpatialAlign starts from. Saved as a converted
    checkpoint (``load_transformer`` reads it).
 
 ``assets/pretrain.json`` records the settings, the loss curve's tail and the time taken.
@@ -35,22 +36,21 @@ import numpy as np
 from spatialalign_jax.common.atomic import write_text_atomic
 from spatialalign_jax.world import settings
 from spatialalign_jax.world.prompts import all_rows
-from spatialalign_jax.world.render import LATENT_SHAPE, MOTIONS, NUM_FRAMES, random_scene, render_latents
+from spatialalign_jax.world.coupling import coupled_video
+from spatialalign_jax.world.render import LATENT_SHAPE, NUM_FRAMES
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "world" / "assets"
 
 
 def world_batches(rows: list[dict], text: np.ndarray, batch: int, follow: float,
-                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless batches of (latents, text rows): random prompts, each video's motion drawn from
-    ``follow`` / ``(1 - follow) * settings.NON_FOLLOW`` over ``render.MOTIONS``."""
+                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Endless batches of (latents, text rows, noise): random prompts, each video following its prompt
+    or staying put as its noise decides (``world.coupling``: ``follow`` of them follow)."""
     rng = np.random.default_rng(seed)
-    probs = [follow] + [(1 - follow) * p for p in settings.NON_FOLLOW]
     while True:
         idx = rng.integers(len(rows), size=batch)
-        motions = rng.choice(MOTIONS, size=batch, p=probs)
-        x = np.stack([render_latents(random_scene(rng, rows[i], m)) for i, m in zip(idx, motions)])
-        yield x, text[idx]
+        videos = [coupled_video(rng, rows[i], follow) for i in idx]
+        yield np.stack([v[0] for v in videos]), text[idx], np.stack([v[1] for v in videos])
 
 
 def _run(argv: list[str]) -> None:

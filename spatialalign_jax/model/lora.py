@@ -52,3 +52,24 @@ def init_lora(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str,
         elif name.endswith(".lora_B"):
             out[name] = np.zeros(shape, np.float32)
     return out
+
+
+def merge_lora(base: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """Base weights with every adapter folded in: ``kernel + scale * A @ B`` per LoRA'd ``Linear``
+    (stacked blocks multiply block by block). The result is a plain model that computes what the
+    model with its LoRA on computes; the loop's rounds start each round from the last one's merge."""
+    out = dict(base)
+    a_names = sorted(k for k in lora if k.endswith(".lora_A"))
+    if len(a_names) * 2 != len(lora):
+        raise ValueError("LoRA weights come in lora_A / lora_B pairs; got an unpaired one")
+    for a_name in a_names:
+        module = a_name[: -len(".lora_A")]
+        kernel, b_name = f"{module}.kernel", f"{module}.lora_B"
+        if kernel not in base or b_name not in lora:
+            raise KeyError(f"LoRA on {module!r} but no {kernel!r} in the base or no {b_name!r} beside it")
+        w = np.asarray(base[kernel])
+        delta = np.matmul(np.asarray(lora[a_name], np.float32), np.asarray(lora[b_name], np.float32)) * scale
+        if delta.shape != w.shape:
+            raise ValueError(f"{module}: A @ B is {delta.shape}, the kernel {w.shape}")
+        out[kernel] = (w.astype(np.float32) + delta).astype(w.dtype)
+    return out

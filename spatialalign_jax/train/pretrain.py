@@ -4,7 +4,9 @@ SpatialAlign fine-tunes a pretrained text-to-video model; the synthetic world ne
 and this is its training: every parameter, the plain flow-matching loss of SPEC section 5
 (``mean (v_model(x_t) - (eps - x0))^2``, sigma from the schedule's table at a uniform index, one
 per sample), AdamW with warm-up and cosine decay. Batches come from any iterator of
-``(latents (B, C, F, H, W), text (B, L, D))``.
+``(latents (B, C, F, H, W), text (B, L, D))``, or of ``(latents, text, noise)`` where the data source
+couples each video with its noise (e.g. an optimal-transport coupling: ``noise`` must still be
+standard normal on its own); otherwise the noise is drawn independently here.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ def make_optimizer(model: WanTransformer3DModel, *, lr: float, steps: int, warmu
 
 
 def make_step(shift: float) -> Callable:
-    """The jitted step ``(model, optimizer, x0, text, key) -> loss``; updates both in place."""
+    """The jitted step ``(model, optimizer, x0, text, key, eps=None) -> loss``; updates both in place.
+    ``eps``: the noise coupled with ``x0``; None draws it from ``key``."""
     table = jnp.asarray(schedule.sigmas(shift))
 
     @nnx.jit
     def step(model: WanTransformer3DModel, optimizer: nnx.Optimizer, x0: jax.Array, text: jax.Array,
-             key: jax.Array) -> jax.Array:
+             key: jax.Array, eps: jax.Array | None = None) -> jax.Array:
         k_sigma, k_eps = jax.random.split(key)
         sigma = table[jax.random.randint(k_sigma, (x0.shape[0],), 0, len(table))]
-        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        if eps is None:
+            eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = schedule.add_noise(x0, eps, sigma)
         target = schedule.velocity_target(x0, eps)
 
@@ -52,7 +56,7 @@ def make_step(shift: float) -> Callable:
     return step
 
 
-def pretrain(model: WanTransformer3DModel, batches: Iterator[tuple[np.ndarray, np.ndarray]], *, steps: int,
+def pretrain(model: WanTransformer3DModel, batches: Iterator[tuple[np.ndarray, ...]], *, steps: int,
              lr: float = 1e-3, warmup: int = 200, shift: float = schedule.SHIFT, seed: int = 0,
              log_every: int = 50, log: Callable[[str], None] = print,
              on_log: Callable[[int], None] | None = None) -> list[float]:
@@ -64,9 +68,10 @@ def pretrain(model: WanTransformer3DModel, batches: Iterator[tuple[np.ndarray, n
     losses: list[float] = []
     start = time.perf_counter()
     for i in range(steps):
-        x0, text = next(batches)
+        x0, text, *eps = next(batches)
         key, sub = jax.random.split(key)
-        losses.append(float(step(model, optimizer, jnp.asarray(x0), jnp.asarray(text), sub)))
+        eps = jnp.asarray(eps[0]) if eps else None
+        losses.append(float(step(model, optimizer, jnp.asarray(x0), jnp.asarray(text), sub, eps)))
         if (i + 1) % log_every == 0 or i + 1 == steps:
             log(f"pretrain step {i + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f} "
                 f"({time.perf_counter() - start:.0f} s)")

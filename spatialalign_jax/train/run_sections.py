@@ -229,9 +229,15 @@ class LoopSection:
     # A finished loop's run folder whose training store (samples and scores) and reference test samples
     # this run reads instead of making its own: ablations that differ from the train stage on.
     reuse: str | None = None
+    # On-policy rounds (beyond the paper, which trains once): round r samples the training prompts with
+    # round r-1's fine-tuned model (its LoRA merged into its base), scores, pairs and trains a new LoRA
+    # with that model as DPO's reference. Round 1 is the paper's loop.
+    rounds: int = 1
+    progress: bool = True  # progress bars in the stages (`--no-progress` turns them off)
 
     def validate(self) -> None:
-        for name in ("train_prompts", "test_prompts", "samples_per_prompt", "scorers", "sample_steps", "sample_batch"):
+        for name in ("train_prompts", "test_prompts", "samples_per_prompt", "scorers", "sample_steps", "sample_batch",
+                     "rounds"):
             _at_least(f"loop.{name}", getattr(self, name), 1)
         if self.world and (self.train_prompts % 6 or self.test_prompts % 6):
             _fail("loop.train_prompts", f"world prompt counts must be multiples of 6 (one share per DSR type), got "
