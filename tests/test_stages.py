@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,23 @@ def test_a_corrupt_record_is_named(tmp_path):
     (tmp_path / "stages.json").write_text("{not json")
     with pytest.raises(StageError, match="is not a stage record"):
         _runner(tmp_path, []).run()
+
+
+def test_rounds_append_their_stages_and_are_checked(tmp_path, capsys):
+    """loop.rounds adds merge@r and round r's stages after round 1's (whose names stay); --rounds is
+    checked like every loop flag."""
+    from spatialalign_jax.loop import cli
+    from spatialalign_jax.loop.cycle import ROUND_STAGES, STAGE_NAMES, build_runner
+    from spatialalign_jax.train.run_config import load_run_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rc = load_run_config(configs / "world.yaml", [f"run.dir={tmp_path}", "loop.rounds=3"])
+    names = [s.name for s in build_runner(rc).stages]
+    rounds = [f"{s}@{r}" for r in (2, 3) for s in ("merge", *ROUND_STAGES)]
+    assert names == list(STAGE_NAMES) + rounds
+    assert "round 2's model" in build_runner(rc).status()
+    for argv, message in ((["--rounds", "0"], "loop.rounds"),
+                          (["--config", str(configs / "tiny.yaml"), "--rounds", "2"], "--rounds is for the loop")):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--set", f"run.dir={tmp_path}"], prog="run_train.py")
+        assert message in capsys.readouterr().err
