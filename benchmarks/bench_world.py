@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ablations", action="store_true")
-    p.add_argument("--rounds", type=int, default=1, help="continue each seed's cycle to this many rounds")
+    p.add_argument("--rounds", type=int, default=1, help="continue the first seed's cycle to this many rounds")
     p.add_argument("--root", type=Path, default=REPO / "runs" / "bench_world")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "world.json")
     args = p.parse_args(argv)
@@ -89,17 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                        "min": min(gains), "seeds": sorted(everyone)}
 
     if args.rounds > 1:
-        per_seed = {}
-        for s in seeds[:1]:
-            per_seed[s] = run_cycle(args.root / f"seed{s}", [f"loop.seed={s}", f"train.seed={s}",
-                                                            f"loop.rounds={args.rounds}"])
-        names = list(next(iter(per_seed.values()))["per_model"])
-        print("\nmodel        " + "".join(f"seed {s} C@0.7 (valid)   " for s in seeds))
-        for name in names:
-            print(f"{name:<12} " + "".join(f"{c['per_model'][name]['correctness@0.7']:.3f} ({c['per_model'][name]['valid_rate']:.3f})"
-                                           f"        " for c in per_seed.values()))
-        out["rounds"] = {str(s): {"per_model": c["per_model"],
-                                  "stage_seconds": c["stage_seconds"]} for s, c in per_seed.items()}
+        s = seeds[0]
+        c = run_cycle(args.root / f"seed{s}", [f"loop.seed={s}", f"train.seed={s}", f"loop.rounds={args.rounds}"])
+        print(f"\nseed {s}      C@0.7   valid rate")
+        for name, m in c["per_model"].items():
+            print(f"{name:<12} {m['correctness@0.7']:.3f}   {m['valid_rate']:.3f}")
+        out["rounds"] = {str(s): {"per_model": c["per_model"], "stage_seconds": c["stage_seconds"]}}
 
     if args.ablations:
         base = args.root / f"seed{seeds[0]}"

@@ -70,9 +70,8 @@ def load_transformer(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None 
                              "a base with `python -m converters.to_flax --src BASE --lora ...`")
         base_source = None
     else:
-        weights = read_base(path)
-        cfg = WanConfig.from_diffusers(weights.config)
-        ckpt_lora, base_source = None, params_lib.flax_from_diffusers(cfg, weights.state_dict)
+        ckpt_lora = None
+        cfg, base_source = base_params(path)
 
     lora_cfg = ckpt_lora if lora == "checkpoint" else lora
     if isinstance(lora_cfg, str):

@@ -422,13 +422,13 @@ def stage_merge(rc: RunConfig, paths: LoopPaths) -> dict[str, Any]:
 
     previous = paths.at_round(paths.round - 1)
     if not is_checkpoint(paths.base):
-        cfg, base = base_params(base_model_path(rc, previous))
-        meta, _, lora = read_checkpoint(final_lora(rc, previous))
+        base_path, lora_path = base_model_path(rc, previous), final_lora(rc, previous)
+        cfg, base = base_params(base_path)
+        _, _, lora = read_checkpoint(lora_path)
         if jax.process_index() == 0:  # host numpy arrays: one process writes, as the trainer's LoRA export
             save_checkpoint(paths.base, cfg, merge_lora(base, lora, rc.lora_config().scale), overwrite=True,
                             extra_meta={"made_by": f"the loop's merge@{paths.round}",
-                                        "merged_from": {"base": base_model_path(rc, previous),
-                                                        "lora": str(final_lora(rc, previous))}})
+                                        "merged_from": {"base": base_path, "lora": str(lora_path)}})
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -39,7 +39,7 @@ RADIUS = 5.0  # object centre to animal centre; sprites are 3 and 4 px, so they 
 OBJECT_CENTRE = 8.0
 OBJECT_JITTER = 0  # the object always sits in the centre: three animal places in all, learnable by a small model
 ANGLES = {"L": math.pi, "R": 0.0, "T": -math.pi / 2}
-# How a pretraining video's motion relates to its prompt (`sample_motion`).
+# How a video's motion relates to its prompt (`random_scene`'s `motion`).
 MOTIONS = ("follow", "reverse", "static")
 
 
